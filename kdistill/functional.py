@@ -1,0 +1,208 @@
+"""Distillation losses as pure functions, in the style of ``torch.nn.functional``.
+
+Conventions shared by every function here:
+
+* Logits are ``[N, C]``: batch first, classes in the last dimension.
+* Probabilities are handled in log-space (``log_softmax``, never ``log(softmax)``).
+* Inputs are upcast to at least fp32 before any arithmetic: fp16/bf16/fp32 are
+  computed in fp32 and the result is fp32; fp64 stays fp64 (so that
+  ``torch.autograd.gradcheck`` works and nothing is silently downcast).
+* ``reduction`` is one of ``"mean"`` (average over the batch of the per-sample
+  value; for KL this is what PyTorch calls ``"batchmean"``), ``"sum"`` (sum over
+  the batch) or ``"none"`` (the per-sample values, shape ``[N]``).
+* ``temperature`` T must be > 0. Temperature-softened terms are multiplied by
+  T^2 so that their gradients keep the same scale as T changes (Hinton et al. 2015).
+
+Bad arguments raise ``ValueError`` with a message naming the offending value.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Upcast to at least fp32: fp64 is kept, everything else becomes fp32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student and teacher logits must have the same shape, got "
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}"
+        )
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def _prepare(student_logits, teacher_logits, temperature, reduction):
+    _check_reduction(reduction)
+    if temperature is not None:
+        _check_temperature(temperature)
+    _check_pair(student_logits, teacher_logits)
+    return _upcast(student_logits), _upcast(teacher_logits)
+
+
+def _kd_per_sample(s: Tensor, t: Tensor, temperature: float) -> Tensor:
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    p_t = log_pt.exp()
+    # A class with p_t == 0 contributes 0 (also when its teacher logit is -inf).
+    terms = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0)
+    return temperature**2 * terms.sum(dim=-1)
+
+
+def _mse_per_sample(s: Tensor, t: Tensor) -> Tensor:
+    return (s - t).pow(2).mean(dim=-1)
+
+
+def kd_div(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Temperature-scaled KL divergence from teacher to student.
+
+    Per sample, with p = softmax(z / T)::
+
+        T^2 * KL(p_t || p_s) = T^2 * sum_c p_t,c * (log p_t,c - log p_s,c)
+
+    "mean" equals ``F.kl_div(log p_s, log p_t, reduction="batchmean", log_target=True) * T^2``.
+
+    Hinton, Vinyals, Dean (2015), "Distilling the Knowledge in a Neural Network".
+    """
+    s, t = _prepare(student_logits, teacher_logits, temperature, reduction)
+    return _reduce(_kd_per_sample(s, t, temperature), reduction)
+
+
+def soft_cross_entropy(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy of the student against the teacher's soft targets.
+
+    Per sample, with p = softmax(z / T)::
+
+        T^2 * ( -sum_c p_t,c * log p_s,c ) = kd_div + T^2 * H(p_t)
+
+    It differs from :func:`kd_div` by the teacher entropy only, so the gradient with
+    respect to the student is the same; it is not 0 when student equals teacher.
+
+    Hinton, Vinyals, Dean (2015), "Distilling the Knowledge in a Neural Network".
+    """
+    s, t = _prepare(student_logits, teacher_logits, temperature, reduction)
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    p_t = F.softmax(t / temperature, dim=-1)
+    terms = torch.where(p_t > 0, -p_t * log_ps, 0.0)
+    return _reduce(temperature**2 * terms.sum(dim=-1), reduction)
+
+
+def logit_mse(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    reduction: str = "mean",
+) -> Tensor:
+    """Squared error between raw logits ("logit matching").
+
+    Per sample, the mean over the C classes (not the sum, so values are comparable
+    across class counts)::
+
+        (1 / C) * sum_c (s_c - t_c)^2
+
+    Hence "mean" equals ``F.mse_loss(s, t)``.
+
+    Ba, Caruana (2014), "Do Deep Nets Really Need to be Deep?".
+    """
+    s, t = _prepare(student_logits, teacher_logits, None, reduction)
+    return _reduce(_mse_per_sample(s, t), reduction)
+
+
+def tang_interpolation(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    reduction: str = "mean",
+) -> Tensor:
+    """Interpolation of soft-target KD and logit matching, alpha in [0, 1]::
+
+        alpha * kd_div(s, t, T) + (1 - alpha) * logit_mse(s, t)
+
+    After Tang, Lu, Liu, Mou, Vechtomova, Lin (2019), "Distilling Task-Specific
+    Knowledge from BERT into Simple Neural Networks". The paper interpolates a
+    hard-label cross-entropy with the logit squared error; here the first term is the
+    soft KD term, so no labels are needed. For the paper's form combine
+    :func:`cross_entropy` and :func:`logit_mse`.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    s, t = _prepare(student_logits, teacher_logits, temperature, reduction)
+    per_sample = alpha * _kd_per_sample(s, t, temperature) + (1.0 - alpha) * _mse_per_sample(s, t)
+    return _reduce(per_sample, reduction)
+
+
+def soft_targets(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """The teacher's soft labels ``softmax(t / T)`` over the last dim, in fp32 (fp64 kept).
+
+    Hinton, Vinyals, Dean (2015), "Distilling the Knowledge in a Neural Network".
+    """
+    _check_temperature(temperature)
+    return F.softmax(_upcast(teacher_logits) / temperature, dim=-1)
+
+
+def cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Hard-label cross-entropy: ``F.cross_entropy`` on upcast logits.
+
+    Per sample, with y the one-hot label smoothed by eps = label_smoothing in [0, 1)::
+
+        -sum_c ((1 - eps) * y_c + eps / C) * log softmax(z)_c
+
+    ``labels`` are class indices of shape ``[N]``; label -100 is ignored (excluded from
+    "mean"), as in ``F.cross_entropy``. Label smoothing: Szegedy, Vanhoucke,
+    Ioffe, Shlens, Wojna (2016), "Rethinking the Inception Architecture for Computer Vision".
+    """
+    _check_reduction(reduction)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must be logits shape without the class dim, "
+            f"got logits {tuple(logits.shape)}"
+        )
+    # Flatten so that the class dim is the last one also for extra leading dims.
+    loss = F.cross_entropy(
+        _upcast(logits).reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
+    return loss.reshape(labels.shape) if reduction == "none" else loss
