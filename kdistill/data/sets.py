@@ -1,0 +1,72 @@
+"""In-memory image sets and the train/val/test bundle that `load_data` returns."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kdistill.errors import KdistillError
+
+
+@dataclass
+class ImageSet:
+    """One split held wholly in memory: uint8 images [N, C, H, W] and int64 labels [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        # Loaders can be registered by users, so check the contract once here rather than on the hot path.
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise KdistillError(f"ImageSet images must be uint8 [N, C, H, W], got {self.images.dtype} "
+                                f"{list(self.images.shape)}; convert them in the data set loader")
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise KdistillError(f"ImageSet labels must be int64 [{len(self.images)}], got {self.labels.dtype} "
+                                f"{list(self.labels.shape)}; convert them in the data set loader")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        """The samples at `index`, copied."""
+        return ImageSet(self.images[index], self.labels[index])
+
+
+@dataclass
+class DataSplits:
+    """A data set split three ways, with the train split's per-channel pixel statistics in [0, 1] units."""
+
+    name: str
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return tuple(self.train.images.shape[1:])
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and (population) std of uint8 images, in [0, 1] units.
+
+    A 256-bin histogram per channel gives exact sums in float64 without building a
+    float copy of the whole split.
+    """
+    means, stds = [], []
+    values = torch.arange(256, dtype=torch.float64) / 255
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        total = counts.sum()
+        mean = (counts * values).sum() / total
+        var = (counts * (values - mean) ** 2).sum() / total
+        means.append(float(mean))
+        stds.append(math.sqrt(float(var)))
+    return tuple(means), tuple(stds)
