@@ -1,0 +1,8 @@
+"""kdistill: knowledge distillation for PyTorch: teacher -> small student, measured honestly."""
+
+from kdistill import functional
+from kdistill.distill import Distiller
+from kdistill.errors import KdistillError
+
+__version__ = "0.1.0"
+__all__ = ["Distiller", "KdistillError", "functional", "__version__"]

@@ -1,0 +1,92 @@
+"""The configuration schema: dataclasses that OmegaConf turns into a typed, strict config.
+
+A recipe (YAML) is merged onto these defaults, then `key=value` overrides from the command
+line; OmegaConf rejects unknown keys and wrong types, `validate` (in loading.py) rejects
+out-of-range values. Every field here is a key a user can set.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0  # random crop after zero-padding this many pixels per side; 0 = off
+    hflip: bool = False  # random horizontal flip (fine for clothes, wrong for digits)
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: Optional[str] = None  # where to look for (and download) data; None = ~/.cache/kdistill/data
+    val_size: int = 5000  # validation images carved from the training set
+    split_seed: int = 0  # seed of that carving; fixed so every run sees the same split
+    download: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "adam"  # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "none"  # none | cosine | step (per optimisation step)
+    step_epochs: int = 30  # step schedule: multiply lr by step_gamma every step_epochs
+    step_gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up, in epochs
+    grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
+    label_smoothing: float = 0.0  # for the cross-entropy of plain (teacher / baseline) training
+    precision: str = "fp32"  # fp32 | bf16 (CPU autocast)
+    channels_last: bool = False  # NHWC memory format for model and inputs
+    early_stop_patience: Optional[int] = None  # stop after this many epochs without a better val accuracy
+
+
+@dataclass
+class ModelConfig:
+    name: str = "seed_student"  # a registered model (`kdistill list models`) or module.path:ClassName
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the model's builder
+    checkpoint: Optional[str] = None  # a .safetensors file to load instead of training
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    name: str = "seed_teacher"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 4.0  # default T of every term that uses one
+    # Loss terms by label: {label: {type: <registered loss, default = label>, weight: w, ...params}}.
+    # The objective is sum(w_i * term_i), divided by sum(w_i) when normalize_weights is true.
+    # Empty means seed 000's objective, {ce: {weight: 0.5}, kd: {weight: 0.5}}. (Recipes merge
+    # into this dict key by key, so a non-empty default could not be replaced, only added to.)
+    losses: Dict[str, Any] = field(default_factory=dict)
+    normalize_weights: bool = False
+    cache_soft_labels: bool = True  # reuse the teacher's logits when inputs are not augmented
+    cache_dir: Optional[str] = None  # None = $KDISTILL_CACHE_DIR or ~/.cache/kdistill/soft_labels
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1000
+    latency_batches: List[int] = field(default_factory=lambda: [1, 256])  # batch sizes timed
+    latency_repeats: int = 30
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # the run folder is <out_dir>/<name>
+    out_dir: str = "runs"
+    seed: int = 0  # fixes model init, shuffling, augmentation and dropout
+    threads: Optional[int] = None  # torch intra-op threads; None = PyTorch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # student and baseline training
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
