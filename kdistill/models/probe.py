@@ -1,0 +1,39 @@
+"""Questions asked of a built model: how many parameters, how many output classes."""
+
+import torch
+from torch import nn
+
+from kdistill.errors import KdistillError
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (shared ones counted once), trainable or not."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def output_classes(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Width of the logits `model` gives for inputs of shape (C, H, W).
+
+    Runs one forward pass on a batch of two zero images in eval mode, without autograd, and
+    puts every submodule back in the train/eval mode it was in (a frozen BatchNorm inside a
+    training model stays frozen).
+    """
+    # no_grad rather than inference_mode: lazy layers (nn.LazyLinear) create their weights in
+    # this first call, and weights created under inference_mode are inference tensors.
+    first = next(model.parameters(), None)
+    device, dtype = (first.device, first.dtype) if first is not None else (torch.device("cpu"), torch.float32)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, *input_shape, device=device, dtype=dtype))
+    except RuntimeError as error:
+        raise KdistillError(f"{type(model).__name__} fails on inputs of shape {tuple(input_shape)}: {error}; "
+                            "build the model for the data's image size and channels") from error
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise KdistillError(f"{type(model).__name__} must return logits of shape [batch, classes], got {shape}")
+    return logits.shape[-1]

@@ -1,0 +1,90 @@
+"""A small residual CNN family for 28x28 / 32x32 grey or colour images (He et al. 2016, CIFAR style)."""
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdistill.models.args import positive_int
+from kdistill.models.registry import register_model
+
+
+def _conv_bn(in_channels: int, out_channels: int, kernel_size: int,
+             stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    # No conv bias: the BatchNorm right after it has its own shift.
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
+    return conv, nn.BatchNorm2d(out_channels)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the input (through a 1x1 conv-BN when the shape changes), then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(in_channels, out_channels, 3, stride)
+        self.conv2, self.bn2 = _conv_bn(out_channels, out_channels, 3)
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut: nn.Module = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """stem (conv3x3-BN-ReLU), `stages` stages of `depth` basic blocks, global average pool, linear head.
+
+    Stage i has `width * 2**i` channels; stages after the first start with a stride-2 block.
+    Module paths: `stem`, `stages.0.1.conv2` (stage 0, block 1), `head`.
+
+    The forward pass runs in channels-last memory format whatever the input's layout: on a
+    2-core CPU that makes a training step on 128 1x28x28 images about 20 % faster (width 32:
+    253 -> 201 ms; width 64: 855 -> 685 ms), the same gain as converting model and inputs
+    outside. Parameters keep the default layout; tapped features are channels-last tensors
+    (use `.reshape`/`.flatten`, not `.view`).
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 32, depth: int = 2,
+                 stages: int = 3):
+        super().__init__()
+        conv, bn = _conv_bn(input_shape[0], width, 3)
+        self.stem = nn.Sequential(OrderedDict(conv=conv, bn=bn, relu=nn.ReLU()))
+        blocks, channels = [], width
+        for i in range(stages):
+            out = width * 2 ** i
+            stride = 1 if i == 0 else 2
+            blocks.append(nn.Sequential(*(BasicBlock(channels if b == 0 else out, out, stride if b == 0 else 1)
+                                          for b in range(depth))))
+            channels = out
+        self.stages = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Each block starts as the identity, so the deep net trains like a shallow one at first
+        # (Goyal et al. 2017, "zero-gamma").
+        for module in self.modules():
+            if isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # `.to()`, not `.contiguous()`, which leaves a 1-channel NCHW tensor's strides as they are.
+        x = self.stages(self.stem(x.to(memory_format=torch.channels_last)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_model("resnet", "residual CNN: stem, `stages` stages of `depth` basic blocks from `width` channels")
+def resnet(input_shape: tuple[int, int, int], num_classes: int, width: int = 32, depth: int = 2,
+           stages: int = 3) -> ResNet:
+    return ResNet(input_shape, num_classes, positive_int("resnet", "width", width),
+                  positive_int("resnet", "depth", depth), positive_int("resnet", "stages", stages))

@@ -1,0 +1,104 @@
+"""The run's report: metrics.json as a Markdown table and per-epoch curves as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdistill.train.checkpoint import atomic_write, atomic_write_text
+
+ROLES = ("teacher", "baseline", "student")
+ROLE_TITLES = {"teacher": "teacher", "baseline": "student from scratch", "student": "student distilled"}
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def _number(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def comparison_table(metrics: dict) -> str:
+    """The side-by-side table (Markdown), shared by report.md and the CLI's output."""
+    batches = sorted({k for role in ROLES if role in metrics for k in metrics[role]["latency_ms"]},
+                     key=lambda k: int(k.split("_")[1]))
+    header = ["model", "arch", "test acc", "val acc", "test NLL", "agreement", "params", "checkpoint",
+              *[f"latency b{k.split('_')[1]} (ms)" for k in batches], "train s", "samples/s"]
+    rows = [header, ["---"] * len(header)]
+    for role in ROLES:
+        if role not in metrics:
+            continue
+        m = metrics[role]
+        size = m.get("checkpoint_bytes")
+        rows.append([
+            ROLE_TITLES[role], m.get("model", ""), _percent(m["test_accuracy"]), _percent(m.get("val_accuracy")),
+            _number(m["test_nll"], 4), _percent(m["agreement"]), f"{m['params']:,}",
+            "–" if size is None else f"{size / 1024:,.0f} KiB",
+            *[_number(m["latency_ms"].get(k), 3) for k in batches],
+            _number(m.get("train_seconds"), 1), _number(m.get("train_samples_per_second"), 0),
+        ])
+    return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
+
+
+def write_report(run_dir: Path, metrics: dict, config_yaml: str) -> None:
+    gap = metrics.get("gap_recovered")
+    lines = [
+        f"# kdistill run `{run_dir.name}`",
+        "",
+        comparison_table(metrics),
+        "",
+        f"Gap recovered, (student - baseline) / (teacher - baseline) in test accuracy: "
+        f"{'–' if gap is None else f'{gap:.3f}'}.",
+        "",
+    ]
+    overhead = metrics.get("distill_overhead")
+    if overhead is not None:
+        lines += [f"Distillation epoch time / baseline epoch time (medians): {overhead:.3f} "
+                  f"(teacher signal: {metrics.get('teacher_signal', '?')}).", ""]
+    lines += [
+        "Model selection used the validation split only; the test set was evaluated once, at the end.",
+        "",
+        "![curves](curves.png)",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    write_curves(run_dir)
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_curves(run_dir: Path) -> None:
+    """curves.png: training loss and validation accuracy per epoch for the three models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for role in ROLES:
+        history = read_history(run_dir / role / "metrics.jsonl")
+        if not history:
+            continue
+        epochs = [r["epoch"] for r in history]
+        ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label=ROLE_TITLES[role])
+        if "val_accuracy" in history[0]:
+            ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], marker="o", label=ROLE_TITLES[role])
+    ax_loss.set(title="training loss (each model's own objective)", xlabel="epoch", ylabel="loss")
+    ax_acc.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(run_dir / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

@@ -1,0 +1,236 @@
+"""The one fit/evaluate loop, for teachers, baselines and distilled students alike.
+
+`fit` trains anything that looks like a `Distiller` (a `training_step`, the model to select
+on, its trainable parameters). Model selection uses the validation loader only. Every
+epoch appends a line to metrics.jsonl and writes a resumable training state atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdistill.train.checkpoint import (
+    atomic_write_text,
+    load_optimizer,
+    load_tensors,
+    save_optimizer,
+    save_tensors,
+)
+from kdistill.train.optim import build_optimizer, learning_rate
+from kdistill.train.progress import Progress
+
+STATE_FILE = "train_state.safetensors"  # resumable state, rewritten after every epoch
+BEST_FILE = "best.safetensors"  # weights of the best validation epoch so far
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float | None = None
+    train_seconds: float = 0.0
+    train_samples: int = 0
+    stopped_early: bool = False
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.train_samples / self.train_seconds if self.train_seconds else 0.0
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    nll: float
+    logits: Tensor  # [N, C], fp32, in loader order
+
+
+def autocast(precision: str):
+    """bf16 autocast on the CPU (AVX-512 BF16 pays off here), or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unpack(batch) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Accept kdistill's Batch (inputs, labels, index) and plain (inputs, labels) pairs."""
+    inputs, labels, *rest = batch
+    return inputs, labels, (rest[0] if rest else None)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> Evaluation:
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in loader:
+            inputs, target, _ = unpack(batch)
+            with autocast(precision):
+                logits.append(model(inputs).float())
+            labels.append(target)
+    finally:
+        model.train(was_training)
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    return Evaluation(
+        accuracy=(all_logits.argmax(1) == all_labels).float().mean().item(),
+        nll=F.cross_entropy(all_logits, all_labels).item(),
+        logits=all_logits,
+    )
+
+
+def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None = None,
+        resume: bool = False, seed: int = 0, progress: Progress | None = None,
+        label: str = "train") -> FitResult:
+    """Train `distiller.student` for `cfg.epochs` epochs; returns the history and timing.
+
+    With `out_dir`, writes metrics.jsonl, best.safetensors and a resumable train state there;
+    `resume=True` continues from that state. The best validation epoch's weights end up in
+    the student (the last epoch's without a validation loader).
+    """
+    progress = progress or Progress()
+    model = distiller.student
+    optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
+    steps_per_epoch = len(train_loader)
+    result = FitResult()
+    best_state: dict[str, Tensor] | None = None
+    start_epoch, since_best = 0, 0
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume and (out_dir / STATE_FILE).exists():
+            start_epoch, since_best = _restore(distiller, optimizer, out_dir, result)
+            if (out_dir / BEST_FILE).exists():
+                best_state = load_tensors(out_dir / BEST_FILE)[0]
+            progress.line(f"[{label}] resuming after epoch {start_epoch}")
+        else:
+            (out_dir / METRICS_FILE).unlink(missing_ok=True)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: reproducible after a resume
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        distiller.train()
+        totals = {"loss": 0.0, "correct": 0, "samples": 0}
+        term_sums: dict[str, float] = {}
+        started = time.perf_counter()
+        batches = progress.batches(train_loader, steps_per_epoch, f"{label} {epoch + 1}/{cfg.epochs}")
+        for step_in_epoch, batch in enumerate(batches):
+            lr = learning_rate(cfg, epoch * steps_per_epoch + step_in_epoch, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, labels, index = unpack(batch)
+            with autocast(cfg.precision):
+                loss, logits, terms = distiller.training_step(inputs, labels, index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            optimizer.step()
+
+            n = labels.shape[0]
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"[{label}] loss became {loss_value} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
+                    "lower the learning rate or set train.grad_clip"
+                )
+            totals["loss"] += loss_value * n
+            totals["correct"] += (logits.detach().argmax(1) == labels).sum().item()
+            totals["samples"] += n
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + value.item() * n
+            progress.update(loss=totals["loss"] / totals["samples"], acc=totals["correct"] / totals["samples"])
+        seconds = time.perf_counter() - started
+
+        samples = totals["samples"]
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": totals["loss"] / samples,
+            "train_accuracy": totals["correct"] / samples,
+            **{f"train_{name}": value / samples for name, value in term_sums.items()},
+            "epoch_seconds": seconds,
+            "samples_per_second": samples / seconds,
+        }
+        result.train_seconds += seconds
+        result.train_samples += samples
+        improved = True
+        if val_loader is not None:
+            val = evaluate(model, val_loader, cfg.precision)
+            record.update(val_accuracy=val.accuracy, val_loss=val.nll)
+            improved = result.best_val_accuracy is None or val.accuracy > result.best_val_accuracy
+        if improved:
+            result.best_epoch, result.best_val_accuracy = epoch + 1, record.get("val_accuracy")
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            since_best = 0
+            if out_dir is not None:
+                save_tensors(out_dir / BEST_FILE, best_state)
+        else:
+            since_best += 1
+        result.history.append(record)
+        progress.line(_epoch_line(label, record, cfg.epochs))
+        if out_dir is not None:
+            with open(out_dir / METRICS_FILE, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            _save_state(distiller, optimizer, out_dir, result, epoch + 1, since_best)
+        if cfg.early_stop_patience is not None and since_best >= cfg.early_stop_patience:
+            result.stopped_early = True
+            progress.line(f"[{label}] early stop: no better val accuracy for {since_best} epochs")
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result
+
+
+def _epoch_line(label: str, record: dict, epochs: int) -> str:
+    text = (f"[{label}] epoch {record['epoch']}/{epochs} loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.4f}")
+    if "val_accuracy" in record:
+        text += f" val_acc {record['val_accuracy']:.4f} val_loss {record['val_loss']:.4f}"
+    return text + f" ({record['epoch_seconds']:.1f}s, {record['samples_per_second']:.0f} samples/s)"
+
+
+def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: int, since_best: int) -> None:
+    tensors = {f"model.{k}": v for k, v in distiller.student.state_dict().items()}
+    tensors.update({f"objective.{k}": v for k, v in distiller.objective.state_dict().items()})
+    optim_tensors, optim_meta = save_optimizer(optimizer)
+    tensors.update(optim_tensors)
+    meta = {
+        "epoch": str(epoch),
+        "since_best": str(since_best),
+        "optimizer": optim_meta,
+        "result": json.dumps({k: getattr(result, k) for k in
+                              ("history", "best_epoch", "best_val_accuracy", "train_seconds", "train_samples")}),
+    }
+    save_tensors(out_dir / STATE_FILE, tensors, meta)
+
+
+def _restore(distiller, optimizer, out_dir: Path, result: FitResult) -> tuple[int, int]:
+    tensors, meta = load_tensors(out_dir / STATE_FILE)
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    objective_state = {k[len("objective."):]: v for k, v in tensors.items() if k.startswith("objective.")}
+    distiller.student.load_state_dict(model_state)
+    distiller.objective.load_state_dict(objective_state)
+    load_optimizer(optimizer, tensors, meta["optimizer"])
+    for key, value in json.loads(meta["result"]).items():
+        setattr(result, key, value)
+    epoch = int(meta["epoch"])
+    # metrics.jsonl may hold lines of an epoch that finished after the state was saved.
+    metrics = out_dir / METRICS_FILE
+    if metrics.exists():
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        atomic_write_text(metrics, "".join(line + "\n" for line in lines[:epoch]))
+    return epoch, int(meta["since_best"])
+

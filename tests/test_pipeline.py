@@ -1,0 +1,130 @@
+"""End to end on scikit-learn's digits (offline, seconds): `kdistill run` and its steps."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from kdistill.cli import main
+
+ROLES = ("teacher", "baseline", "student")
+FAST = ["teacher.train.epochs=3", "train.epochs=3", "eval.latency_repeats=2"]
+
+
+def run_cli(tmp_path, *args, recipe="recipes/digits_quick.yaml"):
+    return main([args[0], recipe, f"out_dir={tmp_path / 'runs'}", *FAST, *args[1:]])
+
+
+@pytest.fixture
+def finished_run(tmp_path, soft_label_cache):
+    assert run_cli(tmp_path, "run", "--quiet") == 0
+    return tmp_path / "runs" / "digits_quick"
+
+
+def test_run_writes_everything(finished_run, soft_label_cache, capsys):
+    run = finished_run
+    for name in ("config.yaml", "metrics.json", "report.md", "curves.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for role in ROLES:
+        m = metrics[role]
+        for key in ("test_accuracy", "val_accuracy", "test_nll", "agreement", "params", "checkpoint_bytes",
+                    "train_seconds", "train_samples_per_second"):
+            assert m[key] is not None, (role, key)
+        assert set(m["latency_ms"]) == {"batch_1", "batch_256"}
+        assert 0 <= m["test_accuracy"] <= 1
+        assert m["checkpoint_bytes"] == (run / role / "model.safetensors").stat().st_size
+        assert len((run / role / "metrics.jsonl").read_text().splitlines()) == 3
+        # Nothing for --resume is left once a step is done.
+        assert not (run / role / "train_state.safetensors").exists()
+    assert metrics["teacher"]["agreement"] == 1.0
+    assert metrics["baseline"]["params"] == metrics["student"]["params"]
+    assert metrics["teacher"]["test_accuracy"] > 0.8  # digits is easy even in 3 epochs
+    assert "gap_recovered" in metrics and metrics["teacher_signal"] == "cached"
+    assert len(list(soft_label_cache.glob("*.safetensors"))) == 1
+    report = (run / "report.md").read_text()
+    assert "student distilled" in report and "student from scratch" in report and "Gap recovered" in report
+
+
+def test_same_command_twice_gives_the_same_numbers(finished_run, tmp_path):
+    first = json.loads((finished_run / "metrics.json").read_text())
+    again = tmp_path / "again"
+    assert main(["run", "recipes/digits_quick.yaml", f"out_dir={again}", *FAST, "--quiet"]) == 0
+    second = json.loads((again / "digits_quick" / "metrics.json").read_text())
+    for role in ROLES:
+        for key in ("test_accuracy", "val_accuracy", "test_nll", "agreement"):
+            assert first[role][key] == second[role][key], (role, key)
+    for role in ROLES:
+        a = load_file(finished_run / role / "model.safetensors")
+        b = load_file(again / "digits_quick" / role / "model.safetensors")
+        assert all((a[k] == b[k]).all() for k in a), role
+
+
+def test_resume_continues_an_interrupted_training(tmp_path, soft_label_cache):
+    """Interrupt the teacher's training after epoch 2 of 3, resume: same weights as a run without a stop."""
+    from kdistill.config import load_config
+    from kdistill.distill import Distiller
+    from kdistill.losses import cross_entropy_objective
+    from kdistill.pipeline import Pipeline
+    from kdistill.train import fit
+
+    full = tmp_path / "full"
+    assert main(["train", "recipes/digits_quick.yaml", f"out_dir={full}", *FAST, "--quiet"]) == 0
+
+    cut = tmp_path / "cut"
+    cfg = load_config("recipes/digits_quick.yaml", [f"out_dir={cut}", *FAST])
+    pipeline = Pipeline(cfg, progress="quiet")
+    loader = pipeline.loader("train", cfg.teacher.train)
+    set_epoch = loader.set_epoch
+
+    def crash_at_epoch_3(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        set_epoch(epoch)
+
+    loader.set_epoch = crash_at_epoch_3
+    teacher_dir = pipeline.role_dir("teacher")
+    with pytest.raises(KeyboardInterrupt):
+        fit(Distiller(None, pipeline.build("teacher"), cross_entropy_objective()), loader, cfg.teacher.train,
+            val_loader=pipeline.loader("val"), out_dir=teacher_dir, seed=cfg.seed)
+    assert (teacher_dir / "train_state.safetensors").exists()
+    assert not (teacher_dir / "model.safetensors").exists()
+
+    args = ["train", "recipes/digits_quick.yaml", f"out_dir={cut}", *FAST, "--quiet"]
+    assert main(args) == 2  # an interrupted training is not silently restarted
+    assert main([*args, "--resume"]) == 0
+    a = load_file(full / "digits_quick" / "teacher" / "model.safetensors")
+    b = load_file(teacher_dir / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    assert len((teacher_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_steps_alone(tmp_path, soft_label_cache, capsys):
+    assert run_cli(tmp_path, "distill", "--quiet") == 2  # no teacher yet
+    assert "no trained teacher" in capsys.readouterr().err
+    assert run_cli(tmp_path, "train", "--quiet") == 0
+    assert run_cli(tmp_path, "soft-labels", "--quiet") == 0
+    assert "built" in capsys.readouterr().out
+    assert run_cli(tmp_path, "soft-labels", "--quiet") == 0
+    assert "already cached" in capsys.readouterr().out
+    assert run_cli(tmp_path, "distill", "--quiet") == 0
+    assert run_cli(tmp_path, "train", "--baseline", "--quiet") == 0
+    assert run_cli(tmp_path, "eval", "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "student distilled" in out and "student from scratch" in out
+    assert run_cli(tmp_path, "report", "--quiet") == 0
+    assert (tmp_path / "runs" / "digits_quick" / "report.md").exists()
+
+
+def test_augmented_run_uses_the_live_teacher(tmp_path, soft_label_cache):
+    assert run_cli(tmp_path, "run", "--quiet", "data.augment.crop_padding=1") == 0
+    metrics = json.loads((tmp_path / "runs" / "digits_quick" / "metrics.json").read_text())
+    assert metrics["teacher_signal"] == "live"
+    assert not list(soft_label_cache.glob("*.safetensors"))
+
+
+def test_changed_config_needs_a_new_name_or_force(finished_run, tmp_path, capsys):
+    assert run_cli(tmp_path, "run", "--quiet", "distill.temperature=2") == 2
+    assert "another config" in capsys.readouterr().err
+    assert run_cli(tmp_path, "run", "--quiet", "distill.temperature=2", "--force") == 0
