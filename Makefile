@@ -38,3 +38,15 @@ test: dev data
 
 clean:
 	rm -rf $(VENV) runs
+
+# Benchmarks (long; results go in BENCHMARKS.md). Quiet machine recommended.
+.PHONY: bench-throughput bench-overhead bench-accuracy
+bench-throughput: setup data
+	$(PY) -m benchmarks.throughput
+
+bench-overhead: setup data
+	$(PY) -m benchmarks.overhead
+
+bench-accuracy: setup data
+	$(PY) -m benchmarks.accuracy recipes/seed_fashion_mnist.yaml --seeds 0 1 2
+	$(PY) -m benchmarks.accuracy recipes/fashion_mnist_resnet.yaml --seeds 0 1 2 --shared-teacher

@@ -16,7 +16,8 @@ EXIT_BAD_INPUT = 2
 def _recipe_command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.temperature=8")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. distill.temperature=8")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted training in the run folder")
     parser.add_argument("--force", action="store_true", help="delete the run folder and start over")
     parser.add_argument("--quiet", action="store_true", help="print nothing but the result")
@@ -76,9 +77,9 @@ def _run(args) -> None:
         pipeline.model("student")
         print(f"student: {pipeline.run_dir / 'student'}")
     elif command == "soft-labels":
-        if pipeline.augment is not None:
-            print("note: data.augment is on, so distillation will run the teacher live on each augmented "
-                  "batch; the cache built here serves unaugmented runs", file=sys.stderr)
+        if pipeline.teacher_signal == "live":
+            print("note: this recipe's student gets a live teacher (augmented inputs or tapped features); "
+                  "the cache built here serves unaugmented runs", file=sys.stderr)
         logits, path, built, seconds = pipeline.soft_labels()
         size = path.stat().st_size
         print(f"{'built' if built else 'already cached'}: {path} ({logits.shape[0]} x {logits.shape[1]} logits, "

@@ -18,14 +18,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int, repeats: int = 30,
-               channels_last: bool = False) -> float:
+def latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int, repeats: int = 30) -> float:
     """Median wall time of one forward pass on the CPU, in milliseconds (after warm-up)."""
     was_training = model.training
     model.eval()
     inputs = torch.randn(batch_size, *input_shape)
-    if channels_last and inputs.dim() == 4:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
     for _ in range(3):
         model(inputs)
     times = []
@@ -40,7 +37,7 @@ def latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int, re
 def model_metrics(model: nn.Module, test_loader, *, input_shape: Sequence[int],
                   teacher_predictions: Tensor | None, checkpoint: Path | None,
                   latency_batches: Sequence[int] = (1, 256), latency_repeats: int = 30,
-                  precision: str = "fp32", channels_last: bool = False) -> tuple[dict, Tensor]:
+                  precision: str = "fp32") -> tuple[dict, Tensor]:
     """Test-set metrics of one model; returns (metrics, its test predictions)."""
     result = evaluate(model, test_loader, precision)
     predictions = result.logits.argmax(1)
@@ -52,7 +49,7 @@ def model_metrics(model: nn.Module, test_loader, *, input_shape: Sequence[int],
         "params": count_parameters(model),
         "checkpoint_bytes": checkpoint.stat().st_size if checkpoint and checkpoint.exists() else None,
         "latency_ms": {
-            f"batch_{b}": latency_ms(model, input_shape, b, latency_repeats, channels_last)
+            f"batch_{b}": latency_ms(model, input_shape, b, latency_repeats)
             for b in latency_batches
         },
     }

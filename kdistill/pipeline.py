@@ -27,7 +27,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdistill.config.loading import save_config
 from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller, cached_teacher_logits
 from kdistill.errors import KdistillError
@@ -92,15 +91,8 @@ class Pipeline:
         data, cfg = self.data, self.cfg
         if train_cfg is not None:
             return BatchLoader(getattr(data, split), train_cfg.batch_size, mean=data.mean, std=data.std,
-                               shuffle=True, augment=self.augment, seed=cfg.seed,
-                               channels_last=train_cfg.channels_last)
+                               shuffle=True, augment=augmentation(train_cfg), seed=cfg.seed)
         return BatchLoader(getattr(data, split), cfg.eval.batch_size, mean=data.mean, std=data.std)
-
-    @property
-    def augment(self) -> Augment | None:
-        aug = self.cfg.data.augment
-        augment = Augment(crop_padding=aug.crop_padding, hflip=aug.hflip)
-        return augment if augment.enabled else None
 
     # -- models ----------------------------------------------------------------------------
     def build(self, role: str) -> nn.Module:
@@ -141,17 +133,14 @@ class Pipeline:
             raise KdistillError(f"{out} holds an interrupted training: pass --resume to continue it "
                                 "or --force to start the run over")
         if role == "student":
-            distiller = self._distiller(model, train_cfg)
+            distiller = self._distiller(model)
         else:
             if role == "teacher" and train_cfg.label_smoothing > 0:
                 print("warning: teacher.train.label_smoothing > 0 erases the dark knowledge that distillation "
                       "transfers (Mueller et al. 2019); prefer 0 for teachers", file=sys.stderr)
-            distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing),
-                                  channels_last=train_cfg.channels_last)
+            distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing))
         result = fit(distiller, self.loader("train", train_cfg), train_cfg, val_loader=self.loader("val"),
                      out_dir=out, resume=self.resume, seed=cfg.seed, progress=self.progress, label=role)
-        if train_cfg.channels_last:
-            model.to(memory_format=torch.contiguous_format)
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
@@ -174,7 +163,7 @@ class Pipeline:
         objective = build_objective(self.cfg.distill.losses, self.cfg.distill.temperature)
         if not objective.needs_teacher:
             return "none"
-        if self.cfg.distill.cache_soft_labels and self.augment is None and not objective.teacher_taps:
+        if self.cfg.distill.cache_soft_labels and augmentation(self.cfg.train) is None and not objective.teacher_taps:
             return "cached"
         return "live"
 
@@ -186,7 +175,7 @@ class Pipeline:
             self.loader("train").preprocessing, self.cfg.distill.cache_dir, self.cfg.train.precision)
         return logits, path, built, time.perf_counter() - started
 
-    def _distiller(self, student: nn.Module, train_cfg) -> Distiller:
+    def _distiller(self, student: nn.Module) -> Distiller:
         distill = self.cfg.distill
         objective = build_objective(distill.losses, distill.temperature, distill.normalize_weights)
         signal = self.teacher_signal
@@ -196,8 +185,7 @@ class Pipeline:
             verb = "computed and stored" if built else "loaded"
             self.progress.line(f"[student] soft labels {verb} in {seconds:.1f}s: {path}")
         teacher = self.model("teacher") if signal == "live" else None
-        return Distiller(teacher, student, objective, soft_labels=soft_labels,
-                         channels_last=train_cfg.channels_last)
+        return Distiller(teacher, student, objective, soft_labels=soft_labels)
 
     # -- evaluation and report -------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -260,6 +248,11 @@ class Pipeline:
         metrics = self.evaluate()
         self.report(metrics)
         return metrics
+
+
+def augmentation(train_cfg) -> Augment | None:
+    augment = Augment(crop_padding=train_cfg.augment.crop_padding, hflip=train_cfg.augment.hflip)
+    return augment if augment.enabled else None
 
 
 def _median_epoch_seconds(role_dir: Path) -> float | None:

@@ -104,8 +104,8 @@ def test_truncated_safetensors_checkpoint(capsys, tmp_path):
 
 
 def test_missing_checkpoint(capsys, tmp_path):
-    fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path / 'runs'}", f"teacher.checkpoint={tmp_path}/no.safetensors"],
-                  "not found")
+    missing = tmp_path / "no.safetensors"
+    fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path / 'runs'}", f"teacher.checkpoint={missing}"], "not found")
 
 
 def test_missing_recipe(capsys, tmp_path):

@@ -118,7 +118,7 @@ def test_steps_alone(tmp_path, soft_label_cache, capsys):
 
 
 def test_augmented_run_uses_the_live_teacher(tmp_path, soft_label_cache):
-    assert run_cli(tmp_path, "run", "--quiet", "data.augment.crop_padding=1") == 0
+    assert run_cli(tmp_path, "run", "--quiet", "train.augment.crop_padding=1") == 0
     metrics = json.loads((tmp_path / "runs" / "digits_quick" / "metrics.json").read_text())
     assert metrics["teacher_signal"] == "live"
     assert not list(soft_label_cache.glob("*.safetensors"))

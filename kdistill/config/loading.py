@@ -98,6 +98,7 @@ def check_training(train: DictConfig, prefix: str) -> None:
     _check(0 < train.step_gamma <= 1, f"{prefix}.step_gamma", "must be in (0, 1]")
     _check(train.grad_clip is None or train.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0 or null")
     _check(0 <= train.label_smoothing < 1, f"{prefix}.label_smoothing", "must be in [0, 1)")
+    _check(train.augment.crop_padding >= 0, f"{prefix}.augment.crop_padding", "must be >= 0")
     _check(train.early_stop_patience is None or train.early_stop_patience >= 1,
            f"{prefix}.early_stop_patience", "must be >= 1 or null")
     for key, allowed in (("optimizer", ("sgd", "adam", "adamw")),
@@ -113,7 +114,6 @@ def validate(cfg: DictConfig) -> None:
     check_training(cfg.train, "train")
     check_training(cfg.teacher.train, "teacher.train")
     _check(cfg.data.val_size >= 1, "data.val_size", "must be >= 1 (model selection needs a validation split)")
-    _check(cfg.data.augment.crop_padding >= 0, "data.augment.crop_padding", "must be >= 0")
     _check(cfg.distill.temperature > 0, "distill.temperature",
            f"must be > 0, got {cfg.distill.temperature}")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")

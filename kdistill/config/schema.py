@@ -22,7 +22,6 @@ class DataConfig:
     val_size: int = 5000  # validation images carved from the training set
     split_seed: int = 0  # seed of that carving; fixed so every run sees the same split
     download: bool = True
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -41,8 +40,8 @@ class TrainConfig:
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
     label_smoothing: float = 0.0  # for the cross-entropy of plain (teacher / baseline) training
     precision: str = "fp32"  # fp32 | bf16 (CPU autocast)
-    channels_last: bool = False  # NHWC memory format for model and inputs
     early_stop_patience: Optional[int] = None  # stop after this many epochs without a better val accuracy
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # of this model's training batches
 
 
 @dataclass

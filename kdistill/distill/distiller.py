@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from kdistill.distill.signals import CachedTeacher, LiveTeacher
@@ -35,14 +34,12 @@ class Distiller(nn.Module):
         *,
         temperature: float = 4.0,
         soft_labels: Tensor | None = None,
-        channels_last: bool = False,
     ):
         super().__init__()
         if losses is None:
             losses = {"ce": {"weight": 0.5}, "kd": {"weight": 0.5}}
         self.objective = losses if isinstance(losses, Objective) else build_objective(losses, temperature)
         self.student = student
-        self.channels_last = channels_last
         self.signal = None
         if self.objective.needs_teacher:
             if soft_labels is not None and not self.objective.teacher_taps:
@@ -54,10 +51,6 @@ class Distiller(nn.Module):
         # Kept outside the module tree so the teacher's weights are not part of our state.
         self._teacher = [teacher]
         self.student_taps = FeatureTaps(student, self.objective.student_taps) if self.objective.student_taps else None
-        if channels_last:
-            self.student.to(memory_format=torch.channels_last)
-            if teacher is not None:
-                teacher.to(memory_format=torch.channels_last)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -78,8 +71,6 @@ class Distiller(nn.Module):
     def training_step(self, inputs: Tensor, labels: Tensor, index: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """One batch: returns (total loss, student logits, each term's value by label)."""
-        if self.channels_last and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
         logits = self.student(inputs)
         student_features = self.student_taps.pop() if self.student_taps else {}
         teacher = self.signal(inputs, index) if self.signal is not None else None

@@ -22,7 +22,6 @@ from kdistill.train.checkpoint import load_tensors, save_tensors
 from kdistill.train.loop import autocast, unpack
 
 
-
 def default_cache_dir() -> Path:
     """$KDISTILL_CACHE_DIR, else ~/.cache/kdistill/soft_labels."""
     return Path(os.environ.get("KDISTILL_CACHE_DIR", "~/.cache/kdistill/soft_labels")).expanduser()

@@ -10,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdistill.errors import KdistillError
 from kdistill.losses.terms import (
-    LOSSES,
     KD,
+    LOSSES,
     CrossEntropy,
     DistillInputs,
     LogitMSE,

@@ -1,0 +1,72 @@
+"""Distillation overhead: seconds per distillation epoch / seconds per baseline epoch, one process.
+
+Variants, each one full epoch over the Fashion-MNIST training split, interleaved round by round:
+  baseline      the student with cross-entropy only
+  kd/cached     0.5 CE + 0.5 KD, teacher logits looked up from the soft-label table
+  kd/live       0.5 CE + 0.5 KD, teacher run on every batch (frozen, eval, inference mode)
+The teacher is seed 000's TeacherModel (`--teacher`/`--student` to change); its weights do not
+change the cost, so it is used untrained unless `--teacher-checkpoint` is given.
+
+    make bench-overhead      # or: python benchmarks/overhead.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks.timing import check_environment, interleaved, median
+from kdistill.config import train_config
+from kdistill.data import BatchLoader, load_data
+from kdistill.distill import Distiller, teacher_logits
+from kdistill.losses import build_objective, cross_entropy_objective
+from kdistill.models import create_model
+from kdistill.train import Progress, fit, load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--teacher", default="seed_teacher")
+    parser.add_argument("--teacher-kwargs", default="{}", help='JSON, e.g. \'{"width": 32}\'')
+    parser.add_argument("--teacher-checkpoint", default=None)
+    parser.add_argument("--student", default="seed_student")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    args = parser.parse_args()
+
+    data = load_data("fashion_mnist")
+    shape, classes = data.input_shape, data.num_classes
+    teacher = create_model(args.teacher, shape, classes, **json.loads(args.teacher_kwargs))
+    if args.teacher_checkpoint:
+        load_model(args.teacher_checkpoint, teacher, what="teacher")
+    loader = BatchLoader(data.train, 128, mean=data.mean, std=data.std, shuffle=True)
+    table = teacher_logits(teacher, BatchLoader(data.train, 1000, mean=data.mean, std=data.std),
+                           len(data.train), args.precision)
+    cfg = train_config(epochs=1, batch_size=128, optimizer="adam", lr=0.01, precision=args.precision)
+    quiet = Progress("quiet")
+    kd = {"ce": {"weight": 0.5}, "kd": {"weight": 0.5}}
+
+    def epoch(make_distiller) -> float:
+        torch.manual_seed(0)
+        student = create_model(args.student, shape, classes)
+        return fit(make_distiller(student), loader, cfg, progress=quiet).train_seconds
+
+    variants = {
+        "baseline": lambda: epoch(lambda s: Distiller(None, s, cross_entropy_objective())),
+        "kd/cached": lambda: epoch(lambda s: Distiller(None, s, build_objective(kd, 4.0), soft_labels=table)),
+        "kd/live": lambda: epoch(lambda s: Distiller(teacher, s, build_objective(kd, 4.0))),
+    }
+    print(check_environment())
+    interleaved(variants, 1)  # warm-up
+    times = interleaved(variants, args.rounds)
+    base = median(times["baseline"])
+    print(f"{'variant':<10} {'s/epoch (median)':>17} {'/ baseline':>11}")
+    for name, values in times.items():
+        print(f"{name:<10} {median(values):>17.2f} {median(values) / base:>11.3f}")
+    print(json.dumps({name: values for name, values in times.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Training throughput: kdistill's loop against a plain PyTorch DataLoader loop (the seed's style).
+
+Same data (Fashion-MNIST train split), batch size, optimizer and number of samples. Variants:
+  plain/seed-model      seed 000's loop: Dataset + DataLoader with per-sample ToTensor/Normalize,
+                        the seed's own model code (NCHW)
+  plain/kdistill-model  the same plain loop over kdistill's seed_student (channels-last inside)
+  kdistill              kdistill.train.fit with BatchLoader (batches sliced from memory)
+  kdistill/bf16         the same with train.precision=bf16
+Prints samples/s (median over interleaved rounds of one epoch each) and ratios.
+
+    make bench-throughput      # or: python benchmarks/throughput.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks.timing import check_environment, interleaved, median
+from kdistill.config import train_config
+from kdistill.data import BatchLoader, load_data
+from kdistill.distill import Distiller
+from kdistill.losses import cross_entropy_objective
+from kdistill.models import create_model
+from kdistill.train import Progress, fit
+
+
+class SeedStudent(nn.Module):
+    """Seed 000's StudentModel, verbatim in structure and memory format."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(32 * 7 * 7, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+class PerSampleDataset(Dataset):
+    """What torchvision's MNIST + ToTensor + Normalize does: one sample at a time in Python."""
+
+    def __init__(self, images, labels, mean, std):
+        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i].float().div(255)
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+def plain_epoch(model, loader) -> float:
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    samples = 0
+    for images, labels in loader:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        samples += labels.shape[0]
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=20_000, help="training samples per measured epoch")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    data = load_data("fashion_mnist")
+    train = data.train
+    subset = type(train)(train.images[: args.samples], train.labels[: args.samples])
+    mean, std = data.mean[0], data.std[0]
+    plain_loader = DataLoader(PerSampleDataset(subset.images, subset.labels, mean, std),
+                              batch_size=args.batch_size, shuffle=True)
+    batch_loader = BatchLoader(subset, args.batch_size, mean=data.mean, std=data.std, shuffle=True)
+    quiet = Progress("quiet")
+
+    def kdistill_epoch(precision: str):
+        model = create_model("seed_student", data.input_shape, data.num_classes)
+        cfg = train_config(epochs=1, batch_size=args.batch_size, optimizer="adam", lr=0.01, precision=precision)
+        result = fit(Distiller(None, model, cross_entropy_objective()), batch_loader, cfg, progress=quiet)
+        return result.train_seconds
+
+    def timed_plain(make_model):
+        model = make_model()
+        started = time.perf_counter()
+        plain_epoch(model, plain_loader)
+        return time.perf_counter() - started
+
+    variants = {
+        "plain/seed-model": lambda: timed_plain(SeedStudent),
+        "plain/kdistill-model": lambda: timed_plain(
+            lambda: create_model("seed_student", data.input_shape, data.num_classes)),
+        "kdistill": lambda: kdistill_epoch("fp32"),
+        "kdistill/bf16": lambda: kdistill_epoch("bf16"),
+    }
+    print(check_environment())
+    interleaved(variants, 1)  # warm-up round, not counted
+    times = interleaved(variants, args.rounds)
+    rate = {name: args.samples / median(t) for name, t in times.items()}
+    reference = rate["plain/seed-model"]
+    print(f"{'variant':<22} {'samples/s':>10} {'x seed loop':>12}")
+    for name, value in rate.items():
+        print(f"{name:<22} {value:>10.0f} {value / reference:>12.2f}")
+    print(json.dumps({"samples_per_second": rate, "rounds": args.rounds, "samples": args.samples}))
+
+
+if __name__ == "__main__":
+    main()
