@@ -128,3 +128,17 @@ def test_changed_config_needs_a_new_name_or_force(finished_run, tmp_path, capsys
     assert run_cli(tmp_path, "run", "--quiet", "distill.temperature=2") == 2
     assert "another config" in capsys.readouterr().err
     assert run_cli(tmp_path, "run", "--quiet", "distill.temperature=2", "--force") == 0
+
+
+def test_batchnorm_teacher_from_the_residual_family(tmp_path, soft_label_cache):
+    """A teacher with BatchNorm buffers (0-dim tensors) through training, caching and distillation."""
+    recipe = tmp_path / "resnet.yaml"
+    recipe.write_text(
+        "name: tiny_resnet\ndata: {name: digits, val_size: 300}\n"
+        "teacher: {name: resnet, kwargs: {width: 4, depth: 1}, train: {epochs: 1, precision: bf16}}\n"
+        "student: {name: seed_student}\ntrain: {epochs: 1}\neval: {latency_repeats: 1}\n"
+    )
+    assert main(["run", str(recipe), f"out_dir={tmp_path / 'runs'}", "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "tiny_resnet" / "metrics.json").read_text())
+    assert metrics["teacher_signal"] == "cached"
+    assert metrics["teacher"]["params"] > metrics["student"]["params"]
