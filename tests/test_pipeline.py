@@ -142,3 +142,8 @@ def test_batchnorm_teacher_from_the_residual_family(tmp_path, soft_label_cache):
     metrics = json.loads((tmp_path / "runs" / "tiny_resnet" / "metrics.json").read_text())
     assert metrics["teacher_signal"] == "cached"
     assert {"teacher", "baseline", "student"} <= metrics.keys()
+
+
+def test_label_smoothing_on_a_teacher_warns(tmp_path, capsys):
+    assert run_cli(tmp_path, "train", "--quiet", "teacher.train.label_smoothing=0.1") == 0
+    assert "label_smoothing > 0 erases the dark knowledge" in capsys.readouterr().err
