@@ -10,11 +10,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from kdistill.models import count_parameters
 from kdistill.train import evaluate
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.inference_mode()
@@ -57,7 +54,10 @@ def model_metrics(model: nn.Module, test_loader, *, input_shape: Sequence[int],
 
 
 def gap_recovered(teacher: float, baseline: float, student: float) -> float | None:
-    """(student - baseline) / (teacher - baseline): 1 = all of the teacher's lead kept."""
-    if teacher == baseline:
+    """(student - baseline) / (teacher - baseline): 1 = all of the teacher's lead kept.
+
+    None when the teacher is not better than the baseline: there is no gap to recover.
+    """
+    if teacher <= baseline:
         return None
     return (student - baseline) / (teacher - baseline)

@@ -7,7 +7,7 @@ A `Pipeline` owns one run folder, `<out_dir>/<name>/`:
         model.safetensors      final weights (best validation epoch); present = step done
         metrics.jsonl          one line per epoch
         summary.json           training time and model selection
-        train_state.safetensors, best.safetensors   for --resume
+        train_state.safetensors   for --resume; removed once model.safetensors is written
     metrics.json, report.md, curves.png
 
 Each step can run alone (the CLI's subcommands); a step whose model.safetensors exists is
@@ -29,16 +29,16 @@ from torch import nn
 
 from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller, cached_teacher_logits
+from kdistill.distill.signals import weights_digest
 from kdistill.errors import KdistillError
 from kdistill.evaluation import gap_recovered, model_metrics
 from kdistill.losses import build_objective, cross_entropy_objective
 from kdistill.models import create_model, output_classes
-from kdistill.report import comparison_table, read_history, write_report
+from kdistill.report import ROLES, comparison_table, read_history, write_report
 from kdistill.train import Progress, evaluate, fit, load_model, save_model
 from kdistill.train.checkpoint import atomic_write_text
 from kdistill.train.loop import METRICS_FILE, STATE_FILE
 
-ROLES = ("teacher", "baseline", "student")
 MODEL_FILE = "model.safetensors"
 
 
@@ -50,27 +50,27 @@ class Pipeline:
         self.run_dir = Path(cfg.out_dir) / cfg.name
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self._claim_run_dir(force)
         self.data = load_data(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.data.split_seed,
                               cfg.data.download)
         self._models: dict[str, nn.Module] = {}
         for role in ("teacher", "student"):  # a wrong name, argument or class count stops us before any work
             self.build(role)
+        self.objective = build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
+                                         cfg.train.label_smoothing)
+        self._claim_run_dir(force)
 
     # -- run folder -------------------------------------------------------------------------
     def _claim_run_dir(self, force: bool) -> None:
         """Refuse to mix results of different configs in one folder."""
         config_file = self.run_dir / "config.yaml"
         text = OmegaConf.to_yaml(self.cfg, resolve=True)
-        if config_file.exists() and config_file.read_text() != text:
-            if not force:
-                changed = _changed_keys(OmegaConf.create(config_file.read_text()), self.cfg)
-                raise KdistillError(
-                    f"{self.run_dir} holds a run with another config ({', '.join(changed[:3]) or 'see config.yaml'}"
-                    f"{' ...' if len(changed) > 3 else ''} differ); pick another name=... or pass --force to start over"
-                )
-            shutil.rmtree(self.run_dir)
-        elif force and self.run_dir.exists():
+        changed = _changed_keys(OmegaConf.create(config_file.read_text()), self.cfg) if config_file.exists() else []
+        if changed and not force:
+            raise KdistillError(
+                f"{self.run_dir} holds a run with another config ({', '.join(changed[:3])}"
+                f"{' ...' if len(changed) > 3 else ''} differ); pick another name=... or pass --force to start over"
+            )
+        if force and self.run_dir.exists():
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_file, text)
@@ -80,6 +80,10 @@ class Pipeline:
 
     def done(self, role: str) -> bool:
         return (self.role_dir(role) / MODEL_FILE).exists()
+
+    def summary(self, role: str) -> dict:
+        path = self.role_dir(role) / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def available(self, role: str) -> bool:
         """Trained already (or, for the teacher, given as a checkpoint)."""
@@ -118,6 +122,8 @@ class Pipeline:
             load_model(Path(external), model, what=f"teacher '{self.cfg.teacher.name}'")
             self.progress.line(f"[teacher] loaded {external}")
         elif self.done(role):
+            if role == "student":
+                self._check_same_teacher()
             load_model(self.role_dir(role) / MODEL_FILE, model, what=role)
             self.progress.line(f"[{role}] using {self.role_dir(role) / MODEL_FILE} (--force retrains)")
         else:
@@ -152,32 +158,37 @@ class Pipeline:
         }
         if role == "student":
             summary["teacher_signal"] = self.teacher_signal
+            summary["teacher_weights"] = weights_digest(self.model("teacher"))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         save_model(out / MODEL_FILE, model, {"model": (cfg.teacher if role == "teacher" else cfg.student).name})
-        for leftover in (STATE_FILE, "best.safetensors"):
-            (out / leftover).unlink(missing_ok=True)
+        (out / STATE_FILE).unlink(missing_ok=True)
 
     # -- teacher signal --------------------------------------------------------------------
+    def _check_same_teacher(self) -> None:
+        """A distilled student is only reused with the teacher it was distilled from."""
+        summary = self.summary("student")
+        if summary.get("teacher_weights") not in (None, weights_digest(self.model("teacher"))):
+            raise KdistillError(f"{self.role_dir('student')} was distilled from another teacher than this run's; "
+                                "pass --force to start over")
+
     @property
     def teacher_signal(self) -> str:
-        objective = build_objective(self.cfg.distill.losses, self.cfg.distill.temperature)
-        if not objective.needs_teacher:
+        if not self.objective.needs_teacher:
             return "none"
-        if self.cfg.distill.cache_soft_labels and augmentation(self.cfg.train) is None and not objective.teacher_taps:
+        if self.cfg.distill.cache_soft_labels and augmentation(self.cfg.train) is None \
+                and not self.objective.teacher_taps:
             return "cached"
         return "live"
 
     def soft_labels(self) -> tuple[torch.Tensor, Path, bool, float]:
         """The teacher's logits for every training sample: cached on disk, built if missing."""
         started = time.perf_counter()
+        loader = self.loader("train")  # in order, unaugmented: the same preprocessing as evaluation
         logits, path, built = cached_teacher_logits(
-            self.model("teacher"), self.loader("train"), self.data.train.images,
-            self.loader("train").preprocessing, self.cfg.distill.cache_dir, self.cfg.train.precision)
+            self.model("teacher"), loader, self.data.train.images, loader.preprocessing, self.cfg.distill.cache_dir)
         return logits, path, built, time.perf_counter() - started
 
     def _distiller(self, student: nn.Module) -> Distiller:
-        distill = self.cfg.distill
-        objective = build_objective(distill.losses, distill.temperature, distill.normalize_weights)
         signal = self.teacher_signal
         soft_labels = None
         if signal == "cached":
@@ -185,7 +196,7 @@ class Pipeline:
             verb = "computed and stored" if built else "loaded"
             self.progress.line(f"[student] soft labels {verb} in {seconds:.1f}s: {path}")
         teacher = self.model("teacher") if signal == "live" else None
-        return Distiller(teacher, student, objective, soft_labels=soft_labels)
+        return Distiller(teacher, student, self.objective, soft_labels=soft_labels)
 
     # -- evaluation and report -------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -209,8 +220,7 @@ class Pipeline:
                 latency_repeats=cfg.eval.latency_repeats)
             if role == "teacher":
                 teacher_predictions = predictions
-            summary_file = self.role_dir(role) / "summary.json"
-            summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+            summary = self.summary(role)
             metrics[role] = {
                 "model": (cfg.teacher if role == "teacher" else cfg.student).name,
                 "val_accuracy": evaluate(model, val).accuracy,
@@ -227,9 +237,7 @@ class Pipeline:
             student_epoch = _median_epoch_seconds(self.role_dir("student"))
             if baseline_epoch and student_epoch:
                 metrics["distill_overhead"] = student_epoch / baseline_epoch
-            summary = json.loads((self.role_dir("student") / "summary.json").read_text()) \
-                if (self.role_dir("student") / "summary.json").exists() else {}
-            metrics["teacher_signal"] = summary.get("teacher_signal")
+            metrics["teacher_signal"] = self.summary("student").get("teacher_signal")
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2))
         return metrics
 
@@ -260,10 +268,15 @@ def _median_epoch_seconds(role_dir: Path) -> float | None:
     return statistics.median(r["epoch_seconds"] for r in history) if history else None
 
 
+# Keys that change where or how fast things run, not what a run computes.
+NEUTRAL_KEYS = ("out_dir", "threads", "data.root", "data.download", "distill.cache_dir", "eval.")
+
+
 def _changed_keys(old: DictConfig, new: DictConfig) -> list[str]:
     flat_old = _flatten(OmegaConf.to_container(old, resolve=True))
     flat_new = _flatten(OmegaConf.to_container(new, resolve=True))
-    return sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
+    return sorted(k for k in flat_old.keys() | flat_new.keys()
+                  if flat_old.get(k) != flat_new.get(k) and not k.startswith(NEUTRAL_KEYS))
 
 
 def _flatten(tree, prefix: str = "") -> dict:

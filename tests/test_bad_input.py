@@ -110,3 +110,22 @@ def test_missing_checkpoint(capsys, tmp_path):
 
 def test_missing_recipe(capsys, tmp_path):
     fails_cleanly(capsys, ["run", str(tmp_path / "nope.yaml")], "not found")
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("distill.temperature=inf", "distill.temperature: must be > 0 and finite"),
+        ("distill.losses.kd.temperature=.nan", "distill.losses.kd.temperature: must be a finite number"),
+        ("distill.losses.kd.weight=.nan", "distill.losses.kd.weight: must be a number >= 0"),
+        ("distill.losses.kd=0.5", "distill.losses.kd: must be a mapping like {weight: 0.5}"),
+        ("name=${nope}", "nope"),
+    ],
+)
+def test_non_finite_and_malformed_values(capsys, tmp_path, override, expected):
+    fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", override], expected)
+
+
+def test_a_failed_start_does_not_claim_the_run_folder(capsys, tmp_path):
+    fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", "student.kwargs.widht=3"], "does not take argument")
+    assert not (tmp_path / "digits_quick").exists()

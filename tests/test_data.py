@@ -278,14 +278,6 @@ def test_normalised_train_split_is_standard():
     assert inputs.std().item() == pytest.approx(1, abs=1e-3)
 
 
-def test_channels_last():
-    data = fake_set(10, channels=3)
-    stats = {"mean": (0.5, 0.5, 0.5), "std": (0.2, 0.3, 0.4)}
-    batch = next(iter(BatchLoader(data, 4, **stats, channels_last=True)))
-    assert batch.inputs.is_contiguous(memory_format=torch.channels_last)
-    assert not next(iter(BatchLoader(data, 4, **stats))).inputs.is_contiguous(memory_format=torch.channels_last)
-
-
 def test_preprocessing_signature():
     data = fake_set(10)
     plain = BatchLoader(data, 4, mean=(0.5,), std=(0.25,))

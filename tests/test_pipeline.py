@@ -1,6 +1,7 @@
 """End to end on scikit-learn's digits (offline, seconds): `kdistill run` and its steps."""
 
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -147,3 +148,15 @@ def test_batchnorm_teacher_from_the_residual_family(tmp_path, soft_label_cache):
 def test_label_smoothing_on_a_teacher_warns(tmp_path, capsys):
     assert run_cli(tmp_path, "train", "--quiet", "teacher.train.label_smoothing=0.1") == 0
     assert "label_smoothing > 0 erases the dark knowledge" in capsys.readouterr().err
+
+
+def test_a_student_is_not_reused_with_another_teacher(tmp_path, soft_label_cache, capsys):
+    assert run_cli(tmp_path, "train", "--quiet", "seed=1") == 0
+    assert run_cli(tmp_path, "train", "--quiet", "seed=2", "name=other") == 0
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(tmp_path / "runs" / "digits_quick" / "teacher" / "model.safetensors", teacher)
+    args = ["name=reuse", f"teacher.checkpoint={teacher}", "--quiet"]
+    assert run_cli(tmp_path, "run", *args) == 0
+    shutil.copy(tmp_path / "runs" / "other" / "teacher" / "model.safetensors", teacher)  # same path, new weights
+    assert run_cli(tmp_path, "run", *args) == 2
+    assert "distilled from another teacher" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -12,8 +13,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from kdistill.config.schema import RunConfig, TrainConfig
 from kdistill.errors import KdistillError
-
-DEFAULT_LOSSES = {"ce": {"weight": 0.5}, "kd": {"weight": 0.5}}
+from kdistill.losses import DEFAULT_LOSSES, build_objective
 
 
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -31,9 +31,13 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise _explain(err, cfg) from None
-    if not cfg.distill.losses:
-        cfg.distill.losses = DEFAULT_LOSSES
-    validate(cfg)
+    try:
+        if not cfg.distill.losses:
+            cfg.distill.losses = DEFAULT_LOSSES
+        OmegaConf.to_container(cfg, resolve=True)  # ${interpolations} that do not resolve
+        validate(cfg)
+    except OmegaConfBaseException as err:
+        raise _explain(err, cfg) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -90,7 +94,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def check_training(train: DictConfig, prefix: str) -> None:
     _check(train.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {train.epochs}")
     _check(train.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {train.batch_size}")
-    _check(train.lr > 0, f"{prefix}.lr", f"must be > 0, got {train.lr}")
+    _check(0 < train.lr < math.inf, f"{prefix}.lr", f"must be > 0 and finite, got {train.lr}")
     _check(train.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
     _check(0 <= train.momentum < 1, f"{prefix}.momentum", "must be in [0, 1)")
     _check(train.warmup_epochs >= 0, f"{prefix}.warmup_epochs", "must be >= 0")
@@ -114,18 +118,17 @@ def validate(cfg: DictConfig) -> None:
     check_training(cfg.train, "train")
     check_training(cfg.teacher.train, "teacher.train")
     _check(cfg.data.val_size >= 1, "data.val_size", "must be >= 1 (model selection needs a validation split)")
-    _check(cfg.distill.temperature > 0, "distill.temperature",
-           f"must be > 0, got {cfg.distill.temperature}")
+    _check(0 < cfg.distill.temperature < math.inf, "distill.temperature",
+           f"must be > 0 and finite, got {cfg.distill.temperature}")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(cfg.eval.latency_repeats >= 1, "eval.latency_repeats", "must be >= 1")
     _check(all(b >= 1 for b in cfg.eval.latency_batches), "eval.latency_batches", "sizes must be >= 1")
     _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null")
     _check("/" not in cfg.name and cfg.name not in ("", ".", ".."), "name",
            f"'{cfg.name}' must be a plain folder name")
-    # Loss terms are checked against their registered signatures (kdistill.losses).
-    from kdistill.losses import check_loss_specs
-
-    check_loss_specs(cfg.distill.losses, default_temperature=cfg.distill.temperature)
+    # Loss terms are checked against their registered signatures.
+    build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
+                    cfg.train.label_smoothing)
 
 
 def train_config(**options) -> DictConfig:
@@ -137,6 +140,3 @@ def train_config(**options) -> DictConfig:
     check_training(cfg, "train")
     return cfg
 
-
-def save_config(cfg: DictConfig, path: Path) -> None:
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))

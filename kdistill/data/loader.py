@@ -26,8 +26,7 @@ class BatchLoader:
     """
 
     def __init__(self, data: ImageSet, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
-                 shuffle: bool = False, augment: Augment | None = None, seed: int = 0, drop_last: bool = False,
-                 channels_last: bool = False):
+                 shuffle: bool = False, augment: Augment | None = None, seed: int = 0, drop_last: bool = False):
         channels = data.images.shape[1]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise KdistillError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -44,7 +43,6 @@ class BatchLoader:
         self.augment = augment if augment is not None and augment.enabled else None
         self.seed = seed
         self.drop_last = drop_last
-        self.channels_last = channels_last
         self.epoch = 0
         mean = tuple(float(m) for m in mean)
         std = tuple(float(s) for s in std)
@@ -81,6 +79,4 @@ class BatchLoader:
             if self.augment is not None:
                 x = self.augment(x, generator)
             x = x.sub_(self._shift).mul_(self._scale)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             yield Batch(x, self.data.labels[index], index)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from kdistill.distill.signals import CachedTeacher, LiveTeacher
 from kdistill.distill.taps import FeatureTaps
-from kdistill.losses import DistillInputs, Objective, build_objective
+from kdistill.losses import DEFAULT_LOSSES, DistillInputs, Objective, build_objective
 
 
 class Distiller(nn.Module):
@@ -37,7 +37,7 @@ class Distiller(nn.Module):
     ):
         super().__init__()
         if losses is None:
-            losses = {"ce": {"weight": 0.5}, "kd": {"weight": 0.5}}
+            losses = DEFAULT_LOSSES
         self.objective = losses if isinstance(losses, Objective) else build_objective(losses, temperature)
         self.student = student
         self.signal = None
@@ -46,6 +46,8 @@ class Distiller(nn.Module):
                 self.signal = CachedTeacher(soft_labels)
             elif teacher is not None:
                 self.signal = LiveTeacher(teacher, self.objective.teacher_taps)
+            elif self.objective.teacher_taps:
+                raise ValueError("these loss terms read the teacher's features: pass a live `teacher`")
             else:
                 raise ValueError("these loss terms need a teacher: pass `teacher` or `soft_labels`")
         # Kept outside the module tree so the teacher's weights are not part of our state.

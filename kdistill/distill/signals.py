@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.distill.taps import FeatureTaps
+from kdistill.errors import KdistillError
 from kdistill.train.checkpoint import load_tensors, save_tensors
 from kdistill.train.loop import autocast, unpack
 
@@ -46,13 +47,17 @@ class LiveTeacher:
         self.teacher = freeze(teacher)
         self.taps = FeatureTaps(teacher, taps) if taps else None
 
-    @torch.inference_mode()
     def __call__(self, inputs: Tensor, index: Tensor | None = None) -> TeacherOutput:
+        logits, features = self._forward(inputs)
+        # Inference tensors cannot be saved for backward; clones made outside inference mode are
+        # ordinary tensors that loss terms may compute with freely.
+        return TeacherOutput(logits.clone(), {k: v.clone() for k, v in features.items()})
+
+    @torch.inference_mode()
+    def _forward(self, inputs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         self.teacher.eval()
         logits = self.teacher(inputs)
-        features = self.taps.pop() if self.taps else {}
-        # Inference tensors cannot join autograd; clones are ordinary tensors (and cheap here).
-        return TeacherOutput(logits.clone(), {k: v.clone() for k, v in features.items()})
+        return logits, (self.taps.pop() if self.taps else {})
 
 
 class CachedTeacher:
@@ -90,9 +95,13 @@ def tensor_digest(*tensors: Tensor) -> str:
     return digest.hexdigest()
 
 
+CACHE_VERSION = "1"  # bump when a change to kdistill's models or preprocessing changes their outputs
+
+
 def soft_label_key(teacher: nn.Module, images: Tensor, preprocessing: str, precision: str = "fp32") -> str:
-    """What the cached logits depend on: teacher weights, the exact images, their preprocessing."""
-    parts = [weights_digest(teacher), tensor_digest(images), preprocessing, precision]
+    """What the cached logits depend on: teacher class and weights, the exact images, their preprocessing."""
+    kind = f"{type(teacher).__module__}.{type(teacher).__qualname__}"
+    parts = [CACHE_VERSION, kind, weights_digest(teacher), tensor_digest(images), preprocessing, precision]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
@@ -100,16 +109,19 @@ def soft_label_key(teacher: nn.Module, images: Tensor, preprocessing: str, preci
 def teacher_logits(teacher: nn.Module, loader, num_samples: int, precision: str = "fp32") -> Tensor:
     """Run the frozen teacher over an unshuffled, unaugmented loader; rows in sample order."""
     freeze(teacher)
-    table = None
+    table, filled = None, torch.zeros(num_samples, dtype=torch.bool)
     for batch in loader:
         inputs, _, index = unpack(batch)
         with autocast(precision):
             logits = teacher(inputs).float()
         if table is None:
-            table = torch.full((num_samples, logits.shape[1]), float("nan"))
+            table = torch.empty(num_samples, logits.shape[1])
         table[index] = logits
-    if table is None or torch.isnan(table).any():
-        raise RuntimeError("the loader did not cover every training sample once")
+        filled[index] = True
+    if table is None or not filled.all():
+        raise ValueError("the loader did not cover every training sample")
+    if not torch.isfinite(table).all():
+        raise KdistillError("the teacher's logits contain NaN or inf: check the teacher checkpoint")
     return table
 
 
@@ -123,7 +135,10 @@ def cached_teacher_logits(teacher: nn.Module, loader, images: Tensor, preprocess
     key = soft_label_key(teacher, images, preprocessing, precision)
     path = cache_dir / f"{key}.safetensors"
     if path.exists():
-        return load_tensors(path)[0]["logits"], path, False
+        logits = load_tensors(path)[0].get("logits")
+        if logits is not None and logits.shape[0] == images.shape[0] and torch.isfinite(logits).all():
+            return logits, path, False
+        path.unlink()  # not what we write: recompute rather than trust it
     logits = teacher_logits(teacher, loader, images.shape[0], precision)
     save_tensors(path, {"logits": logits}, {"preprocessing": preprocessing, "precision": precision})
     return logits, path, True

@@ -9,6 +9,7 @@ trainer optimises them with the student. A term declares the module paths it wan
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, NamedTuple
 
@@ -62,8 +63,8 @@ def register_loss(name: str, description: str) -> Callable[[type[LossTerm]], typ
 
 
 def _check_temperature(temperature: float) -> float:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
     return float(temperature)
 
 

@@ -29,8 +29,7 @@ from kdistill.train.checkpoint import (
 from kdistill.train.optim import build_optimizer, learning_rate
 from kdistill.train.progress import Progress
 
-STATE_FILE = "train_state.safetensors"  # resumable state, rewritten after every epoch
-BEST_FILE = "best.safetensors"  # weights of the best validation epoch so far
+STATE_FILE = "train_state.safetensors"  # resumable state (and best weights so far), rewritten every epoch
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -94,9 +93,10 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
         label: str = "train") -> FitResult:
     """Train `distiller.student` for `cfg.epochs` epochs; returns the history and timing.
 
-    With `out_dir`, writes metrics.jsonl, best.safetensors and a resumable train state there;
-    `resume=True` continues from that state. The best validation epoch's weights end up in
-    the student (the last epoch's without a validation loader).
+    With `out_dir`, writes metrics.jsonl and a resumable train state there after every epoch;
+    `resume=True` continues from that state. Validation runs in fp32 whatever the training
+    precision, so model selection sees the numbers the final evaluation will. The best
+    validation epoch's weights end up in the student (the last epoch's without a validation loader).
     """
     progress = progress or Progress()
     model = distiller.student
@@ -109,14 +109,14 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume and (out_dir / STATE_FILE).exists():
-            start_epoch, since_best = _restore(distiller, optimizer, out_dir, result)
-            if (out_dir / BEST_FILE).exists():
-                best_state = load_tensors(out_dir / BEST_FILE)[0]
+            start_epoch, since_best, best_state = _restore(distiller, optimizer, out_dir, result)
             progress.line(f"[{label}] resuming after epoch {start_epoch}")
         else:
             (out_dir / METRICS_FILE).unlink(missing_ok=True)
 
     for epoch in range(start_epoch, cfg.epochs):
+        if result.stopped_early:  # resumed after the last epoch of an early-stopped run
+            break
         torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: reproducible after a resume
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
@@ -167,25 +167,23 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
         result.train_samples += samples
         improved = True
         if val_loader is not None:
-            val = evaluate(model, val_loader, cfg.precision)
+            val = evaluate(model, val_loader)
             record.update(val_accuracy=val.accuracy, val_loss=val.nll)
             improved = result.best_val_accuracy is None or val.accuracy > result.best_val_accuracy
         if improved:
             result.best_epoch, result.best_val_accuracy = epoch + 1, record.get("val_accuracy")
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             since_best = 0
-            if out_dir is not None:
-                save_tensors(out_dir / BEST_FILE, best_state)
         else:
             since_best += 1
         result.history.append(record)
+        result.stopped_early = cfg.early_stop_patience is not None and since_best >= cfg.early_stop_patience
         progress.line(_epoch_line(label, record, cfg.epochs))
         if out_dir is not None:
             with open(out_dir / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            _save_state(distiller, optimizer, out_dir, result, epoch + 1, since_best)
-        if cfg.early_stop_patience is not None and since_best >= cfg.early_stop_patience:
-            result.stopped_early = True
+            _save_state(distiller, optimizer, out_dir, result, epoch + 1, since_best, best_state)
+        if result.stopped_early:
             progress.line(f"[{label}] early stop: no better val accuracy for {since_best} epochs")
             break
 
@@ -202,8 +200,11 @@ def _epoch_line(label: str, record: dict, epochs: int) -> str:
     return text + f" ({record['epoch_seconds']:.1f}s, {record['samples_per_second']:.0f} samples/s)"
 
 
-def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: int, since_best: int) -> None:
+def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: int, since_best: int,
+                best_state: dict[str, Tensor]) -> None:
+    """One atomic file: weights, loss-term parameters, optimizer, best weights, history."""
     tensors = {f"model.{k}": v for k, v in distiller.student.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in best_state.items()})
     tensors.update({f"objective.{k}": v for k, v in distiller.objective.state_dict().items()})
     optim_tensors, optim_meta = save_optimizer(optimizer)
     tensors.update(optim_tensors)
@@ -211,18 +212,20 @@ def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: i
         "epoch": str(epoch),
         "since_best": str(since_best),
         "optimizer": optim_meta,
-        "result": json.dumps({k: getattr(result, k) for k in
-                              ("history", "best_epoch", "best_val_accuracy", "train_seconds", "train_samples")}),
+        "result": json.dumps({k: getattr(result, k) for k in ("history", "best_epoch", "best_val_accuracy",
+                                                              "train_seconds", "train_samples", "stopped_early")}),
     }
     save_tensors(out_dir / STATE_FILE, tensors, meta)
 
 
-def _restore(distiller, optimizer, out_dir: Path, result: FitResult) -> tuple[int, int]:
+def _restore(distiller, optimizer, out_dir: Path, result: FitResult) -> tuple[int, int, dict[str, Tensor]]:
     tensors, meta = load_tensors(out_dir / STATE_FILE)
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    objective_state = {k[len("objective."):]: v for k, v in tensors.items() if k.startswith("objective.")}
-    distiller.student.load_state_dict(model_state)
-    distiller.objective.load_state_dict(objective_state)
+
+    def part(prefix: str) -> dict[str, Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    distiller.student.load_state_dict(part("model."))
+    distiller.objective.load_state_dict(part("objective."))
     load_optimizer(optimizer, tensors, meta["optimizer"])
     for key, value in json.loads(meta["result"]).items():
         setattr(result, key, value)
@@ -232,5 +235,5 @@ def _restore(distiller, optimizer, out_dir: Path, result: FitResult) -> tuple[in
     if metrics.exists():
         lines = [line for line in metrics.read_text().splitlines() if line.strip()]
         atomic_write_text(metrics, "".join(line + "\n" for line in lines[:epoch]))
-    return epoch, int(meta["since_best"])
+    return epoch, int(meta["since_best"]), part("best.")
 
