@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 from kdistill.config import load_config
+from kdistill.evaluation import gap_recovered
 from kdistill.pipeline import Pipeline
 
 ROLES = ("teacher", "baseline", "student")
@@ -57,12 +58,13 @@ def main() -> None:
         print(f"seed {seed}: " + ", ".join(f"{r} {100 * metrics[r]['test_accuracy']:.2f} %" for r in ROLES), flush=True)
 
     print(f"\n{args.recipe} {' '.join(args.overrides)} seeds {args.seeds}"
-          f"{' (one teacher, trained with the first seed)' if args.shared_teacher else ''}")
+          f"{' (one teacher for every seed)' if args.shared_teacher else ''}")
     for role in ROLES:
         print(f"  {role:<9} test accuracy {summarize([m[role]['test_accuracy'] for m in per_seed.values()])}")
-    gaps = [m["gap_recovered"] for m in per_seed.values() if m.get("gap_recovered") is not None]
-    if gaps:
-        print(f"  gap recovered {statistics.mean(gaps):.3f} ± {statistics.stdev(gaps) if len(gaps) > 1 else 0:.3f}")
+    means = {role: statistics.mean(m[role]["test_accuracy"] for m in per_seed.values()) for role in ROLES}
+    gap = gap_recovered(means["teacher"], means["baseline"], means["student"])
+    gap_text = "n/a: the teacher is not better than the baseline" if gap is None else f"{gap:.3f}"
+    print(f"  gap recovered (of the means): {gap_text}")
     overheads = [m["distill_overhead"] for m in per_seed.values() if m.get("distill_overhead")]
     if overheads:
         print(f"  distillation epoch / baseline epoch: median {statistics.median(overheads):.3f}")
