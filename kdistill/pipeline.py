@@ -103,7 +103,11 @@ class Pipeline:
         spec = self.cfg.teacher if role == "teacher" else self.cfg.student
         torch.manual_seed(self.cfg.seed)  # baseline and student start from the same weights
         kwargs = OmegaConf.to_container(spec.kwargs, resolve=True)
-        model = create_model(spec.name, self.data.input_shape, self.data.num_classes, **kwargs)
+        try:
+            model = create_model(spec.name, self.data.input_shape, self.data.num_classes, **kwargs)
+        except (TypeError, ValueError) as err:  # a builder refusing a value, e.g. width="wide"
+            key = "teacher" if role == "teacher" else "student"
+            raise KdistillError(f"{key}.kwargs: model '{spec.name}' rejected {kwargs}: {err}") from None
         classes = output_classes(model, self.data.input_shape)
         if classes != self.data.num_classes:
             raise KdistillError(

@@ -129,3 +129,7 @@ def test_non_finite_and_malformed_values(capsys, tmp_path, override, expected):
 def test_a_failed_start_does_not_claim_the_run_folder(capsys, tmp_path):
     fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", "student.kwargs.widht=3"], "does not take argument")
     assert not (tmp_path / "digits_quick").exists()
+
+
+def test_a_model_argument_of_the_wrong_kind(capsys, tmp_path):
+    fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", "student.kwargs.hidden=wide"], "hidden must be a list")
