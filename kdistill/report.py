@@ -84,6 +84,7 @@ def write_curves(run_dir: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for role in ROLES:
@@ -97,6 +98,7 @@ def write_curves(run_dir: Path) -> None:
     ax_loss.set(title="training loss (each model's own objective)", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
