@@ -34,10 +34,10 @@ from kdistill.errors import KdistillError
 from kdistill.evaluation import gap_recovered, model_metrics
 from kdistill.losses import build_objective, cross_entropy_objective
 from kdistill.models import create_model, output_classes
-from kdistill.report import ROLES, comparison_table, read_history, write_report
+from kdistill.report import ROLES, comparison_table, write_report
 from kdistill.train import Progress, evaluate, fit, load_model, save_model
 from kdistill.train.checkpoint import atomic_write_text
-from kdistill.train.loop import METRICS_FILE, STATE_FILE
+from kdistill.train.loop import STATE_FILE
 
 MODEL_FILE = "model.safetensors"
 
@@ -237,8 +237,8 @@ class Pipeline:
             metrics["gap_recovered"] = gap_recovered(
                 metrics["teacher"]["test_accuracy"], metrics["baseline"]["test_accuracy"],
                 metrics["student"]["test_accuracy"])
-            baseline_epoch = _median_epoch_seconds(self.role_dir("baseline"))
-            student_epoch = _median_epoch_seconds(self.role_dir("student"))
+            baseline_epoch = self.summary("baseline").get("median_epoch_seconds")
+            student_epoch = self.summary("student").get("median_epoch_seconds")
             if baseline_epoch and student_epoch:
                 metrics["distill_overhead"] = student_epoch / baseline_epoch
             metrics["teacher_signal"] = self.summary("student").get("teacher_signal")
@@ -265,11 +265,6 @@ class Pipeline:
 def augmentation(train_cfg) -> Augment | None:
     augment = Augment(crop_padding=train_cfg.augment.crop_padding, hflip=train_cfg.augment.hflip)
     return augment if augment.enabled else None
-
-
-def _median_epoch_seconds(role_dir: Path) -> float | None:
-    history = read_history(role_dir / METRICS_FILE)
-    return statistics.median(r["epoch_seconds"] for r in history) if history else None
 
 
 # Keys that change where or how fast things run, not what a run computes.
