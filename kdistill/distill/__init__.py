@@ -6,6 +6,7 @@ from kdistill.distill.signals import (
     LiveTeacher,
     TeacherOutput,
     cached_teacher_logits,
+    check_cache_dir,
     freeze,
     soft_label_key,
     teacher_logits,
@@ -14,5 +15,5 @@ from kdistill.distill.taps import FeatureTaps
 
 __all__ = [
     "CachedTeacher", "Distiller", "FeatureTaps", "LiveTeacher", "TeacherOutput",
-    "cached_teacher_logits", "freeze", "soft_label_key", "teacher_logits",
+    "cached_teacher_logits", "check_cache_dir", "freeze", "soft_label_key", "teacher_logits",
 ]

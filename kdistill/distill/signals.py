@@ -3,22 +3,27 @@
 The student code does not care which: both give `TeacherOutput(logits, features)` for a batch.
 `LiveTeacher` runs the frozen teacher (eval mode, inference mode) on exactly the inputs the
 student sees (needed with augmentation). `CachedTeacher` looks the logits up by sample index in
-a table computed once per (teacher weights, data, preprocessing) and kept on disk.
+a table computed once per (teacher, data, preprocessing) and kept on disk, with the teacher's
+outputs on a few probe inputs that tell, on every load, whether the teacher still behaves the same.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from kdistill.distill.taps import FeatureTaps
 from kdistill.errors import KdistillError
+from kdistill.storage import exclusive_lock, remove_stale_temporaries
 from kdistill.train.checkpoint import load_tensors, save_tensors
 from kdistill.train.loop import autocast, unpack
 
@@ -95,14 +100,23 @@ def tensor_digest(*tensors: Tensor) -> str:
     return digest.hexdigest()
 
 
-CACHE_VERSION = "1"  # bump when a change to kdistill's models or preprocessing changes their outputs
+CACHE_VERSION = "2"  # bump when a change to kdistill's models or preprocessing changes their outputs
+PROBE_SIZE = 8
 
 
-def soft_label_key(teacher: nn.Module, images: Tensor, preprocessing: str, precision: str = "fp32") -> str:
-    """What the cached logits depend on: teacher class and weights, the exact images, their preprocessing."""
+def soft_label_key(teacher: nn.Module, images: Tensor, preprocessing: str, precision: str = "fp32", *,
+                   teacher_config: str | None = None) -> str:
+    """What the cached logits depend on: the teacher (class, config, repr, weights), the exact images, their
+    preprocessing.
+
+    `teacher_config` (the pipeline's resolved name and kwargs) and repr() (standard modules' constructor
+    arguments) separate teachers whose weights are equal but whose arguments are not; what neither shows
+    (a plain attribute, edited code) is caught by the probe stored in each entry (see `cached_teacher_logits`).
+    """
     kind = f"{type(teacher).__module__}.{type(teacher).__qualname__}"
-    parts = [CACHE_VERSION, kind, weights_digest(teacher), tensor_digest(images), preprocessing, precision]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+    parts = [CACHE_VERSION, kind, teacher_config or "", repr(teacher), weights_digest(teacher),
+             tensor_digest(images), preprocessing, precision]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
 @torch.inference_mode()
@@ -125,20 +139,103 @@ def teacher_logits(teacher: nn.Module, loader, num_samples: int, precision: str 
     return table
 
 
+def check_cache_dir(path: Path | str | None = None) -> Path:
+    """The soft-label cache folder (default_cache_dir() if None), created and proven writable.
+
+    Cheap: the pipeline calls it before any training, so an unusable folder stops a run at once
+    rather than after the teacher's and the baseline's trainings.
+    """
+    folder = Path(path).expanduser() if path else default_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # really create a file: permission bits do not stop root
+            pass
+    except OSError as err:
+        reason = "a file, not a folder" if folder.exists() and not folder.is_dir() else err.strerror or str(err)
+        raise KdistillError(f"distill.cache_dir: cannot store soft labels in {folder} ({reason}); "
+                            "point distill.cache_dir (or $KDISTILL_CACHE_DIR) to a writable folder") from None
+    return folder
+
+
 def cached_teacher_logits(teacher: nn.Module, loader, images: Tensor, preprocessing: str,
-                          cache_dir: Path | None = None, precision: str = "fp32") -> tuple[Tensor, Path, bool]:
+                          cache_dir: Path | None = None, precision: str = "fp32", *, teacher_config: str | None = None,
+                          log: Callable[[str], None] | None = None) -> tuple[Tensor, Path, bool]:
     """Load the teacher's logits for the training set from the cache, or compute and store them.
 
-    Returns (logits [N, C], cache file, whether they were computed now).
+    Returns (logits [N, C], cache file, whether they were computed now). An entry that does not
+    read back, or whose stored probe outputs the teacher no longer reproduces, is rebuilt with a
+    line to `log` (default: stderr). One process at a time checks and builds an entry: a second
+    run sharing the teacher waits for the first (a line to `log`) and then loads its entry.
     """
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    key = soft_label_key(teacher, images, preprocessing, precision)
+    log = log or _to_stderr
+    cache_dir = check_cache_dir(cache_dir)
+    key = soft_label_key(teacher, images, preprocessing, precision, teacher_config=teacher_config)
     path = cache_dir / f"{key}.safetensors"
-    if path.exists():
-        logits = load_tensors(path)[0].get("logits")
-        if logits is not None and logits.shape[0] == images.shape[0] and torch.isfinite(logits).all():
-            return logits, path, False
-        path.unlink()  # not what we write: recompute rather than trust it
-    logits = teacher_logits(teacher, loader, images.shape[0], precision)
-    save_tensors(path, {"logits": logits}, {"preprocessing": preprocessing, "precision": precision})
+    with exclusive_lock(cache_dir / f"{key}.lock", f"soft-label cache entry {path}", wait=True, on_wait=log):
+        remove_stale_temporaries(cache_dir, recursive=False, name=path.name)  # a killed build's, under our lock
+        if path.exists():
+            logits, problem = _read_entry(path, teacher, images.shape[0])
+            if logits is not None:
+                return logits, path, False
+            log(f"soft-label cache entry {path} {problem}: rebuilding it")
+        logits = teacher_logits(teacher, loader, images.shape[0], precision)
+        probe = _probe_inputs(loader)
+        save_tensors(path, {"logits": logits, "probe_inputs": probe, "probe_outputs": _probe_outputs(teacher, probe)},
+                     {"version": CACHE_VERSION, "preprocessing": preprocessing, "precision": precision})
     return logits, path, True
+
+
+def _probe_inputs(loader, size: int = PROBE_SIZE) -> Tensor:
+    """The first `size` inputs the loader yields.
+
+    Real, preprocessed inputs rather than random ones: they exercise the teacher where its cached
+    logits come from. They are stored in the entry, so checking it needs neither the loader nor a
+    random stream (which differs between CPU and GPU generators and between torch versions).
+    """
+    taken, count = [], 0
+    for batch in loader:
+        inputs = unpack(batch)[0][:size - count]
+        taken.append(inputs.detach().cpu())
+        count += len(inputs)
+        if count >= size:
+            break
+    return torch.cat(taken)
+
+
+@torch.inference_mode()
+def _probe_outputs(teacher: nn.Module, inputs: Tensor) -> Tensor:
+    """The teacher's fp32 outputs (eval mode) on the probe inputs, run on its own device and dtype."""
+    freeze(teacher)
+    param = next(teacher.parameters(), None)
+    if param is not None and param.is_floating_point():
+        inputs = inputs.to(device=param.device, dtype=param.dtype)
+    return teacher(inputs).float().cpu()
+
+
+def _read_entry(path: Path, teacher: nn.Module, num_samples: int) -> tuple[Tensor | None, str]:
+    """The cached logits, or None and why the entry cannot be trusted."""
+    try:
+        tensors = load_tensors(path)[0]
+    except KdistillError:
+        return None, "does not read back as safetensors"
+    missing = [k for k in ("logits", "probe_inputs", "probe_outputs") if k not in tensors]
+    if missing:
+        return None, f"lacks {', '.join(missing)}"
+    logits, expected = tensors["logits"], tensors["probe_outputs"].float()
+    if logits.ndim != 2 or logits.shape[0] != num_samples or expected.ndim != 2 or logits.shape[1] != expected.shape[1]:
+        return None, f"holds logits of shape {tuple(logits.shape)} for {num_samples} samples"
+    if not torch.isfinite(logits).all():
+        return None, "holds NaN or inf"
+    try:
+        outputs = _probe_outputs(teacher, tensors["probe_inputs"])
+    except (RuntimeError, ValueError):
+        return None, "holds probe inputs that do not fit the teacher"
+    # A tolerance, not equality: the last bits of float outputs vary with the thread count.
+    if outputs.shape != expected.shape or not torch.allclose(outputs, expected, rtol=1e-4, atol=1e-5):
+        return None, ("is stale: the teacher no longer gives its stored outputs on the probe inputs "
+                      "(same weights and config, so its code or a plain attribute changed)")
+    return logits.float(), ""
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -1,15 +1,12 @@
 """Checkpoints as safetensors, written atomically; loading never unpickles anything.
 
-A file appears under its final name only once it is complete (written to a temporary file in
-the same folder, flushed, then renamed), so a crash never leaves a half-written checkpoint
-that a later run would trust.
+A file appears under its final name only once it is complete (see kdistill.storage), so a crash
+never leaves a half-written checkpoint that a later run would trust.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,26 +15,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from kdistill.errors import KdistillError
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename the temporary file onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+from kdistill.storage import atomic_write
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
