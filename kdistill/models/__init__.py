@@ -1,7 +1,7 @@
 """Models by name: `create_model("resnet", (1, 28, 28), 10, width=64)`, or any nn.Module.
 
 Registered names are in `MODELS`; a name with a colon, `"module.path:ClassName"`, builds a
-user's own class or function instead.
+user's own nn.Module subclass instead.
 """
 
 from kdistill.models import mlp, resnet, seed_cnn  # noqa: F401  (imported to run their @register_model)

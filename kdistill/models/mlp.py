@@ -1,12 +1,13 @@
 """A fully connected network: Hinton et al.'s 1200-1200 teacher and 800-800 student (2015)."""
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdistill.models.args import positive_ints, probability
+from kdistill.models.args import MAX_WIDTH, fits_in_memory, positive_ints, probability
 from kdistill.models.registry import register_model
 
 
@@ -37,4 +38,7 @@ class MLP(nn.Module):
 @register_model("mlp", "fully connected net; hidden=[1200, 1200] is Hinton's teacher, [800, 800] his student")
 def mlp(input_shape: tuple[int, int, int], num_classes: int, hidden: Sequence[int] = (1200, 1200),
         dropout: float = 0.0) -> MLP:
-    return MLP(input_shape, num_classes, positive_ints("mlp", "hidden", hidden), probability("mlp", "dropout", dropout))
+    hidden = positive_ints("mlp", "hidden", hidden, most=MAX_WIDTH)
+    widths = [math.prod(input_shape), *hidden, num_classes]
+    fits_in_memory("mlp", sum((n_in + 1) * n_out for n_in, n_out in itertools.pairwise(widths)))
+    return MLP(input_shape, num_classes, hidden, probability("mlp", "dropout", dropout))

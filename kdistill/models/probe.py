@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from kdistill.errors import KdistillError
+from kdistill.models.registry import describe_error
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -27,9 +28,12 @@ def output_classes(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     try:
         with torch.no_grad():
             logits = model(torch.zeros(2, *input_shape, device=device, dtype=dtype))
-    except RuntimeError as error:
-        raise KdistillError(f"{type(model).__name__} fails on inputs of shape {tuple(input_shape)}: {error}; "
-                            "build the model for the data's image size and channels") from error
+    except KdistillError:
+        raise
+    except Exception as error:  # a user's forward can raise anything; shape mismatches raise RuntimeError
+        raise KdistillError(f"{type(model).__name__} fails on inputs of shape {tuple(input_shape)}: "
+                            f"{describe_error(error)}; build the model for the data's image size and channels, "
+                            "and check that its forward runs") from error
     finally:
         for module, training in modes.items():
             module.training = training

@@ -1,11 +1,16 @@
 """The model registry and `create_model`, the one factory every caller goes through.
 
 As in timm, a model is named by a string: either a registered builder (`"resnet"`) or a user
-class or function given as `"module.path:ClassName"`. The registry is a plain dict filled by
-the `register_model` decorator.
+class given as `"module.path:ClassName"`. The registry is a plain dict filled by the
+`register_model` decorator.
+
+A recipe is untrusted input, so a `module:Name` must be a subclass of `torch.nn.Module`, checked
+before anything is called: otherwise `os:system` with `kwargs: {command: ...}` would run a shell
+command. Importing the module still runs its top-level code; that is what naming a module means.
 """
 
 import difflib
+import functools
 import importlib
 import inspect
 from collections.abc import Callable
@@ -17,6 +22,8 @@ from kdistill.errors import KdistillError
 
 # fn(input_shape, num_classes, **kwargs) -> nn.Module; input_shape is (channels, height, width).
 Builder = Callable[..., nn.Module]
+
+MAX_CLASSES = 2 ** 20  # far above any real label set; a bigger num_classes is a typo
 
 
 class ModelInfo(NamedTuple):
@@ -44,23 +51,49 @@ def register_model(name: str, description: str) -> Callable[[Builder], Builder]:
 def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int, **kwargs: Any) -> nn.Module:
     """Build model `name` for inputs of shape (C, H, W) and `num_classes` outputs.
 
-    `name` is a registered model (see `MODELS`) or `"module.path:ClassName"` (a class or a
-    function). A user model receives `kwargs`, plus `input_shape`, `num_classes` and
+    `name` is a registered model (see `MODELS`) or `"module.path:ClassName"`, a subclass of
+    `torch.nn.Module`. A user model receives `kwargs`, plus `input_shape`, `num_classes` and
     `in_channels` (= C) for those of them its signature names, unless `kwargs` sets them.
+    Whatever the constructor raises becomes a one-line KdistillError naming the model.
     """
     input_shape = _check_input_shape(name, input_shape)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise KdistillError(f"model {name!r}: num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise KdistillError(f"model {name!r}: num_classes must be a positive integer at most {MAX_CLASSES}, "
+                            f"got {num_classes!r}")
     if ":" in name:
-        return _create_user_model(name, input_shape, num_classes, kwargs)
-    if name not in MODELS:
+        build = _user_model(name, input_shape, num_classes, kwargs)
+    elif name in MODELS:
+        builder = MODELS[name].builder
+        _check_arguments(name, builder, kwargs, supplied=("input_shape", "num_classes"))
+        build = functools.partial(builder, input_shape, num_classes, **kwargs)
+    else:
         close = difflib.get_close_matches(name, MODELS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise KdistillError(f"unknown model {name!r}; {hint}registered models: {', '.join(sorted(MODELS))} "
                             "(or give your own as 'module.path:ClassName')")
-    builder = MODELS[name].builder
-    _check_arguments(name, builder, kwargs, supplied=("input_shape", "num_classes"))
-    return _checked_module(name, builder(input_shape, num_classes, **kwargs))
+    try:
+        model = build()
+    except KdistillError:
+        raise
+    except Exception as error:  # a user's constructor can raise anything; an absurd size raises MemoryError
+        fix = ("it is too large for this machine's memory, make it smaller" if _out_of_memory(error)
+               else "fix the model's arguments or its constructor")
+        given = f" with arguments {kwargs}" if kwargs else ""
+        raise KdistillError(f"model {name!r} cannot be built{given}: {describe_error(error)}; {fix}") from error
+    return _checked_module(name, model)
+
+
+def describe_error(error: BaseException) -> str:
+    """`error` as one short line: its type and the first line of its message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _out_of_memory(error: Exception) -> bool:
+    # torch's CPU allocator raises RuntimeError "... can't allocate memory ...", not MemoryError.
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "allocate" in str(error))
 
 
 def _check_input_shape(name: str, input_shape: Any) -> tuple[int, int, int]:
@@ -75,8 +108,9 @@ def _check_input_shape(name: str, input_shape: Any) -> tuple[int, int, int]:
     return shape
 
 
-def _create_user_model(spec: str, input_shape: tuple[int, int, int], num_classes: int,
-                       kwargs: dict[str, Any]) -> nn.Module:
+def _user_model(spec: str, input_shape: tuple[int, int, int], num_classes: int,
+                kwargs: dict[str, Any]) -> Callable[[], nn.Module]:
+    """The call that builds user model `spec`, after checking that it names an nn.Module class."""
     module_path, _, attr_path = spec.partition(":")
     if not module_path or not attr_path:
         raise KdistillError(f"model {spec!r}: expected 'module.path:ClassName', e.g. 'mypkg.nets:SmallNet'")
@@ -87,8 +121,14 @@ def _create_user_model(spec: str, input_shape: tuple[int, int, int], num_classes
     except (ImportError, AttributeError) as error:
         raise KdistillError(f"model {spec!r}: cannot import {attr_path} from {module_path} ({error}); "
                             "is the module on PYTHONPATH?") from error
-    if not callable(target):
-        raise KdistillError(f"model {spec!r}: {attr_path} is not a class or function")
+    except Exception as error:  # the module's top-level code failed
+        raise KdistillError(f"model {spec!r}: importing {module_path} failed ({describe_error(error)}); "
+                            "fix the module") from error
+    # Nothing is called until this holds: a recipe must not be able to run any function it names.
+    if not (isinstance(target, type) and issubclass(target, nn.Module)):
+        kind = "a class" if isinstance(target, type) else "a function" if inspect.isroutine(target) else "an object"
+        raise KdistillError(f"model {spec!r}: {attr_path} is {kind}, not a subclass of torch.nn.Module; name a model "
+                            "class (from Python, you can also pass a built nn.Module)")
 
     supplied = {"input_shape": input_shape, "num_classes": num_classes, "in_channels": input_shape[0]}
     params = _keyword_parameters(target)
@@ -96,7 +136,7 @@ def _create_user_model(spec: str, input_shape: tuple[int, int, int], num_classes
         supplied = {key: value for key, value in supplied.items() if key in params and key not in kwargs}
         _check_arguments(spec, target, kwargs, supplied=tuple(supplied))
         kwargs = {**supplied, **kwargs}
-    return _checked_module(spec, target(**kwargs))
+    return functools.partial(target, **kwargs)
 
 
 def _keyword_parameters(fn: Callable) -> dict[str, inspect.Parameter] | None:

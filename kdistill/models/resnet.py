@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.models.args import positive_int
+from kdistill.errors import KdistillError
+from kdistill.models.args import MAX_DEPTH, MAX_WIDTH, fits_in_memory, positive_int
 from kdistill.models.registry import register_model
 
 
@@ -86,5 +87,27 @@ class ResNet(nn.Module):
 @register_model("resnet", "residual CNN: stem, `stages` stages of `depth` basic blocks from `width` channels")
 def resnet(input_shape: tuple[int, int, int], num_classes: int, width: int = 32, depth: int = 2,
            stages: int = 3) -> ResNet:
-    return ResNet(input_shape, num_classes, positive_int("resnet", "width", width),
-                  positive_int("resnet", "depth", depth), positive_int("resnet", "stages", stages))
+    width = positive_int("resnet", "width", width, most=MAX_WIDTH)
+    depth = positive_int("resnet", "depth", depth, most=MAX_DEPTH)
+    stages = positive_int("resnet", "stages", stages, most=MAX_DEPTH)
+    if width * 2 ** (stages - 1) > MAX_WIDTH:
+        raise KdistillError(f"model 'resnet': width={width} and stages={stages} give the last stage "
+                            f"width * 2**(stages - 1) channels, more than {MAX_WIDTH}; use fewer stages or a smaller "
+                            "width")
+    fits_in_memory("resnet", resnet_parameters(input_shape[0], num_classes, width, depth, stages))
+    return ResNet(input_shape, num_classes, width, depth, stages)
+
+
+def resnet_parameters(in_channels: int, num_classes: int, width: int, depth: int, stages: int) -> int:
+    """The number of parameters of `ResNet`, counted without building it."""
+    total = 9 * in_channels * width + 2 * width  # stem conv and BatchNorm
+    channels = width
+    for i in range(stages):
+        out = width * 2 ** i
+        for b in range(depth):
+            c_in = channels if b == 0 else out
+            total += 9 * c_in * out + 9 * out * out + 4 * out  # two conv3x3 and their BatchNorms
+            if b == 0 and (i > 0 or c_in != out):
+                total += c_in * out + 2 * out  # 1x1 conv-BN shortcut
+        channels = out
+    return total + channels * num_classes + num_classes

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdistill.errors import KdistillError
+from kdistill.models.args import fits_in_memory
 from kdistill.models.registry import register_model
 
 
@@ -48,6 +49,9 @@ def _seed_cnn(name: str, input_shape: tuple[int, int, int], num_classes: int,
     if height < 4 or width < 4:
         raise KdistillError(f"model {name!r} needs images of at least 4x4 pixels (it max-pools twice by 2), "
                             f"got {height}x{width}; use 'mlp' or 'resnet' for smaller inputs")
+    fc1_inputs = width2 * (height // 4) * (width // 4)  # grows with the image: large images make a huge fc1
+    fits_in_memory(name, 9 * channels * width1 + width1 + 9 * width1 * width2 + width2
+                   + (fc1_inputs + 1) * hidden + (hidden + 1) * num_classes)
     return SeedCNN(channels, width1, width2, hidden, num_classes, (height, width))
 
 
