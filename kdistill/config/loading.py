@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
+import io
 import math
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from kdistill.config.schema import RunConfig, TrainConfig
 from kdistill.errors import KdistillError
-from kdistill.losses import DEFAULT_LOSSES, build_objective
+from kdistill.losses import DEFAULT_LOSSES, build_objective, is_number
+from kdistill.losses.terms import MAX_TEMPERATURE
+
+MAX_SEED = 2**31 - 1  # a signed 32-bit int: every random generator takes it
+MAX_COUNT = 100_000  # epochs, step_epochs, early_stop_patience: far beyond any real run, small enough to be safe
+MAX_BATCH = 2**20
+MAX_NAME_BYTES = 255  # the longest file name most file systems take
 
 
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -21,65 +31,148 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
 
     Raises KdistillError (one line: the key, what is wrong, the closest valid key for a typo).
     """
-    layers = []
-    if recipe is not None:
-        layers.append(_read_recipe(Path(recipe)))
-    layers.append(_parse_overrides(overrides))
-    cfg = OmegaConf.structured(RunConfig)
-    for layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as err:
-            raise _explain(err, cfg) from None
     try:
-        if not cfg.distill.losses:
-            cfg.distill.losses = DEFAULT_LOSSES
-        OmegaConf.to_container(cfg, resolve=True)  # ${interpolations} that do not resolve
-        validate(cfg)
-    except OmegaConfBaseException as err:
-        raise _explain(err, cfg) from None
+        cfg = copy.deepcopy(_defaults())
+        if recipe is not None:
+            cfg = _merge(cfg, _read_recipe(Path(recipe)))
+        for item in overrides:  # one at a time, so that an error names the override at fault
+            cfg = _merge(cfg, _parse_override(item))
+        try:
+            if not cfg.distill.losses:
+                cfg.distill.losses = DEFAULT_LOSSES
+            OmegaConf.to_container(cfg, resolve=True)  # ${interpolations} that do not resolve
+            validate(cfg)
+        except OmegaConfBaseException as err:
+            raise _explain(err, getattr(err, "full_key", None) or _unreadable_key(cfg) or "config") from None
+    except KdistillError as err:
+        raise KdistillError(_one_line(str(err))) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def _read_recipe(path: Path) -> DictConfig:
-    if not path.is_file():
-        raise KdistillError(f"recipe {path} not found: give the path of a YAML file (see recipes/)")
+@functools.cache
+def _defaults() -> DictConfig:
+    """The schema as a config, built once: building it costs more than the rest of loading (copies are cheap)."""
+    return OmegaConf.structured(RunConfig)
+
+
+def _read_recipe(path: Path) -> dict:
+    if path.is_dir():
+        raise KdistillError(f"recipe {path} is a directory: give the path of a YAML file (see recipes/)")
     try:
-        loaded = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        data = path.read_bytes()
+    except (FileNotFoundError, ValueError):  # ValueError: a NUL byte in the path
+        raise KdistillError(f"recipe {path} not found: give the path of a YAML file (see recipes/)") from None
+    except OSError as err:
+        raise KdistillError(f"recipe {path} cannot be read ({err.strerror}): check the path and its permissions") \
+            from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is fine
+    except UnicodeDecodeError as err:
+        raise KdistillError(f"recipe {path} is not UTF-8 text (bad byte at offset {err.start}): save it as UTF-8") \
+            from None
+    try:
+        loaded = OmegaConf.load(io.StringIO(text))
+    except (yaml.YAMLError, OmegaConfBaseException, RecursionError) as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
-        raise KdistillError(f"recipe {path}{line} is not valid YAML: fix its syntax") from None
+        raise KdistillError(f"recipe {path}{line} is not valid YAML ({_yaml_problem(err)}): fix its syntax") \
+            from None
+    except OSError:  # what OmegaConf raises for a document that is a number (or another scalar)
+        loaded = None
     if not isinstance(loaded, DictConfig):
         raise KdistillError(f"recipe {path} must be a YAML mapping of keys to values")
-    return loaded
+    return OmegaConf.to_container(loaded)
 
 
-def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise KdistillError(f"override '{item}' is not key=value (example: distill.temperature=8)")
+def _parse_override(item: str) -> dict:
+    key, equals, value = item.partition("=")
+    key = key.strip()  # `train.lr = 0.1`, quoted, means train.lr
+    if not equals or not key:
+        raise KdistillError(f"override {item!r} is not key=value (example: distill.temperature=8)")
+    if "[" in key or "]" in key:
+        raise KdistillError(f"{key}: index syntax is not supported; give the whole list (example: "
+                            "eval.latency_batches=[1,256])")
+    if "" in key.split("."):
+        raise KdistillError(f"override {item!r}: the key has an empty part; write dotted keys like train.lr=0.01")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except (yaml.YAMLError, OmegaConfBaseException) as err:
-        raise KdistillError(f"cannot parse overrides {list(overrides)}: {err}") from None
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={value}"]))
+    except (yaml.YAMLError, OmegaConfBaseException, RecursionError) as err:
+        raise KdistillError(f"{key}: cannot parse the value {value!r} ({_yaml_problem(err)}); "
+                            "quote text that is not meant as YAML") from None
 
 
-def _explain(err: OmegaConfBaseException, cfg: DictConfig) -> KdistillError:
-    key = getattr(err, "full_key", None) or "?"
+def _yaml_problem(err: Exception) -> str:
+    return getattr(err, "problem", None) or _first_line(err)
+
+
+def _merge(cfg: DictConfig, layer: Mapping) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, layer)
+    except Exception:  # OmegaConf also raises TypeError, ValueError, ... for a value of the wrong shape
+        raise _merge_error(cfg, layer, "") from None
+
+
+def _merge_error(node: DictConfig, layer: Mapping, prefix: str) -> KdistillError:
+    """Find the deepest key of `layer` that does not merge into `node`: OmegaConf's errors often lack it."""
+    for key, value in layer.items():
+        path = _join(prefix, str(key))
+        try:
+            OmegaConf.merge(node, {key: value})
+            continue
+        except Exception as err:  # as in _merge
+            error = err
+        child = node._get_node(key) if key in node else None  # the node itself: its kind, unresolved
+        if isinstance(value, Mapping) and isinstance(child, DictConfig):
+            return _merge_error(child, value, path)
+        if value is None and child is not None:
+            return KdistillError(f"{path}: cannot be null; leave it out to keep its default")
+        if isinstance(child, DictConfig) and value is not None:
+            return KdistillError(f"{path}: must be a mapping of keys to values (example: {path}.<key>=value), "
+                                 f"got {value!r}")
+        if isinstance(child, ListConfig) and value is not None:
+            return KdistillError(f"{path}: must be a list (example: {path}=[1,2]), got {value!r}")
+        if child is not None and isinstance(value, (Mapping, list)):
+            return KdistillError(f"{path}: must be a single value, got {value!r}")
+        return _explain(error, path, node)
+    return KdistillError(f"{prefix or 'config'}: cannot merge {dict(layer)!r}")
+
+
+def _explain(err: Exception, key: str, parent: DictConfig | None = None) -> KdistillError:
+    """One line for an OmegaConf error at `key` (a full path); `parent` holds the key, for a typo's hint."""
     if isinstance(err, ConfigKeyError):
         parent_path, _, leaf = key.rpartition(".")
-        parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
         valid = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
         close = difflib.get_close_matches(leaf, valid, n=1)
         hint = f"did you mean {_join(parent_path, close[0])}?" if close else (
             f"valid keys here: {', '.join(valid)}" if valid else "")
-        return KdistillError(f"{key}: unknown key; {hint}".rstrip("; "))
+        shown = key if leaf else f"{key}'' (an empty key)" if parent_path else "'' (an empty key)"
+        return KdistillError(f"{shown}: unknown key; {hint}".rstrip("; "))
     if isinstance(err, ValidationError):
-        first_line = str(err).splitlines()[0]
-        return KdistillError(f"{key}: wrong type: {first_line}")
-    return KdistillError(f"{key}: {str(err).splitlines()[0]}")
+        return KdistillError(f"{key}: wrong type: {_first_line(err)}")
+    return KdistillError(f"{key}: {_first_line(err)}")
+
+
+def _unreadable_key(node: DictConfig | ListConfig, prefix: str = "") -> str | None:
+    """The first key whose value cannot be read (an ${interpolation} of the wrong type): errors may not name it."""
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        path = f"{prefix}[{key}]" if isinstance(node, ListConfig) else _join(prefix, str(key))
+        try:
+            value = node[key]
+        except OmegaConfBaseException:
+            return path
+        if isinstance(value, (DictConfig, ListConfig)) and (found := _unreadable_key(value, path)):
+            return found
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _one_line(text: str) -> str:
+    """Escape what would break the line (newlines, NUL, ...): keys and values in a message come from the user."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _join(parent: str, leaf: str) -> str:
@@ -91,52 +184,97 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise KdistillError(f"{key}: {message}")
 
 
+def _in_range(value: Any, key: str, low: float, high: float = math.inf, *, open_low: bool = False,
+              open_high: bool = False, null_ok: bool = False) -> None:
+    """`value` must be a finite number between `low` and `high` (excluded when open); a bool is not a number."""
+    if value is None and null_ok:
+        return
+    ok = is_number(value) and (value > low if open_low else value >= low)
+    ok = ok and (value < high if open_high else value <= high)
+    if not ok:
+        limits = [f"{'>' if open_low else '>='} {low}"]
+        if not isinstance(value, int):
+            limits.append("finite")
+        if high != math.inf:
+            limits.append(f"{'<' if open_high else '<='} {high}")
+        raise KdistillError(f"{key}: must be {' and '.join(limits)}{' or null' if null_ok else ''}, got {value!r}")
+
+
 def check_training(train: DictConfig, prefix: str) -> None:
-    _check(train.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {train.epochs}")
-    _check(train.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {train.batch_size}")
-    _check(0 < train.lr < math.inf, f"{prefix}.lr", f"must be > 0 and finite, got {train.lr}")
-    _check(train.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
-    _check(0 <= train.momentum < 1, f"{prefix}.momentum", "must be in [0, 1)")
-    _check(train.warmup_epochs >= 0, f"{prefix}.warmup_epochs", "must be >= 0")
-    _check(train.step_epochs >= 1, f"{prefix}.step_epochs", "must be >= 1")
-    _check(0 < train.step_gamma <= 1, f"{prefix}.step_gamma", "must be in (0, 1]")
-    _check(train.grad_clip is None or train.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0 or null")
-    _check(0 <= train.label_smoothing < 1, f"{prefix}.label_smoothing", "must be in [0, 1)")
-    _check(train.augment.crop_padding >= 0, f"{prefix}.augment.crop_padding", "must be >= 0")
-    _check(train.early_stop_patience is None or train.early_stop_patience >= 1,
-           f"{prefix}.early_stop_patience", "must be >= 1 or null")
-    for key, allowed in (("optimizer", ("sgd", "adam", "adamw")),
-                         ("schedule", ("none", "cosine", "step")),
-                         ("precision", ("fp32", "bf16"))):
-        value = train[key]
-        _check(value in allowed, f"{prefix}.{key}",
-               f"'{value}' is not one of {', '.join(allowed)}")
+    def key(name: str) -> str:
+        return _join(prefix, name)
+
+    _in_range(train.epochs, key("epochs"), 1, MAX_COUNT)
+    _in_range(train.batch_size, key("batch_size"), 1, MAX_BATCH)
+    _in_range(train.lr, key("lr"), 0, 100, open_low=True)
+    _in_range(train.weight_decay, key("weight_decay"), 0, 1)
+    _in_range(train.momentum, key("momentum"), 0, 1, open_high=True)
+    _in_range(train.warmup_epochs, key("warmup_epochs"), 0, train.epochs)
+    _in_range(train.step_epochs, key("step_epochs"), 1, MAX_COUNT)
+    _in_range(train.step_gamma, key("step_gamma"), 0, 1, open_low=True)
+    _in_range(train.grad_clip, key("grad_clip"), 0, open_low=True, null_ok=True)
+    _in_range(train.label_smoothing, key("label_smoothing"), 0, 1, open_high=True)
+    _in_range(train.augment.crop_padding, key("augment.crop_padding"), 0, 64)
+    _in_range(train.early_stop_patience, key("early_stop_patience"), 1, MAX_COUNT, null_ok=True)
+    for name, allowed in (("optimizer", ("sgd", "adam", "adamw")),
+                          ("schedule", ("none", "cosine", "step")),
+                          ("precision", ("fp32", "bf16"))):
+        value = train[name]
+        _check(value in allowed, key(name), f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_folder_name(name: str) -> None:
+    # The run folder is <out_dir>/<name>: anything but one plain path component could land elsewhere.
+    plain = (name not in ("", ".", "..") and not name.startswith("-") and "/" not in name and "\\" not in name
+             and all(c.isprintable() for c in name))
+    _check(plain, "name", f"{name!r} must be a plain folder name (not empty, . or .., no / or \\, no control or "
+                          "invisible characters, not starting with -)")
+    size = len(name.encode("utf-8"))
+    _check(size <= MAX_NAME_BYTES, "name", f"is {size} bytes long in UTF-8; at most {MAX_NAME_BYTES} fit a folder name")
+
+
+def _check_path(path: str | None, key: str) -> None:
+    if path is None:
+        return
+    _check("\0" not in path, key, "contains a NUL byte; give a plain path")
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        raise KdistillError(f"{key}: {path!r} has characters the file system cannot take; give a plain path") \
+            from None
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range checks OmegaConf's types cannot express; raises KdistillError naming the key."""
+    """What OmegaConf's types cannot express (ranges, names, paths, loss terms); raises KdistillError naming the key."""
+    _check_folder_name(cfg.name)
+    for key in ("out_dir", "data.root", "distill.cache_dir", "teacher.checkpoint"):
+        _check_path(OmegaConf.select(cfg, key), key)
+    _in_range(cfg.seed, "seed", 0, MAX_SEED)
+    _in_range(cfg.threads, "threads", 1, 1024, null_ok=True)
     check_training(cfg.train, "train")
     check_training(cfg.teacher.train, "teacher.train")
-    _check(cfg.data.val_size >= 1, "data.val_size", "must be >= 1 (model selection needs a validation split)")
-    _check(0 < cfg.distill.temperature < math.inf, "distill.temperature",
-           f"must be > 0 and finite, got {cfg.distill.temperature}")
-    _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
-    _check(cfg.eval.latency_repeats >= 1, "eval.latency_repeats", "must be >= 1")
-    _check(all(b >= 1 for b in cfg.eval.latency_batches), "eval.latency_batches", "sizes must be >= 1")
-    _check(cfg.threads is None or cfg.threads >= 1, "threads", "must be >= 1 or null")
-    _check("/" not in cfg.name and cfg.name not in ("", ".", ".."), "name",
-           f"'{cfg.name}' must be a plain folder name")
+    _in_range(cfg.data.val_size, "data.val_size", 1, 10**9)
+    _in_range(cfg.data.split_seed, "data.split_seed", 0, MAX_SEED)
+    _in_range(cfg.distill.temperature, "distill.temperature", 0, MAX_TEMPERATURE, open_low=True)
+    _in_range(cfg.eval.batch_size, "eval.batch_size", 1, MAX_BATCH)
+    _in_range(cfg.eval.latency_repeats, "eval.latency_repeats", 1, 10_000)
+    batches = cfg.eval.latency_batches
+    _check(1 <= len(batches) <= 16, "eval.latency_batches", f"must list 1 to 16 batch sizes, got {len(batches)}")
+    for i, size in enumerate(batches):
+        _in_range(size, f"eval.latency_batches[{i}]", 1, 65_536)
     # Loss terms are checked against their registered signatures.
     build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
                     cfg.train.label_smoothing)
 
 
 def train_config(**options) -> DictConfig:
-    """A validated TrainConfig from keyword arguments (for the Python API)."""
+    """A validated TrainConfig from keyword arguments (for the Python API); errors name the argument."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), options)
-    except OmegaConfBaseException as err:
-        raise _explain(err, OmegaConf.structured(TrainConfig)) from None
-    check_training(cfg, "train")
+        cfg = _merge(OmegaConf.structured(TrainConfig), options)
+        try:
+            check_training(cfg, "")
+        except OmegaConfBaseException as err:
+            raise _explain(err, getattr(err, "full_key", None) or _unreadable_key(cfg) or "config") from None
+    except KdistillError as err:
+        raise KdistillError(_one_line(str(err))) from None
     return cfg
-

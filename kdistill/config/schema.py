@@ -2,7 +2,7 @@
 
 A recipe (YAML) is merged onto these defaults, then `key=value` overrides from the command
 line; OmegaConf rejects unknown keys and wrong types, `validate` (in loading.py) rejects
-out-of-range values. Every field here is a key a user can set.
+out-of-range values (the bounds are there). Every field here is a key a user can set.
 """
 
 from dataclasses import dataclass, field
@@ -46,22 +46,25 @@ class TrainConfig:
 
 @dataclass
 class ModelConfig:
+    """The student's keys; it is always trained, so it has no `checkpoint` (the teacher does)."""
+
     name: str = "seed_student"  # a registered model (`kdistill list models`) or module.path:ClassName
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the model's builder
-    checkpoint: Optional[str] = None  # a .safetensors file to load instead of training
 
 
 @dataclass
 class TeacherConfig(ModelConfig):
     name: str = "seed_teacher"
+    checkpoint: Optional[str] = None  # a .safetensors file to load instead of training
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
 class DistillConfig:
     temperature: float = 4.0  # default T of every term that uses one
-    # Loss terms by label: {label: {type: <registered loss, default = label>, weight: w, ...params}}.
-    # The objective is sum(w_i * term_i), divided by sum(w_i) when normalize_weights is true.
+    # Loss terms by label: {label: {type: <registered loss, default = label>, weight: w, ...params}};
+    # `label: null` removes a term (e.g. a recipe's). The objective is sum(w_i * term_i), divided by
+    # sum(w_i) when normalize_weights is true.
     # Empty means seed 000's objective, {ce: {weight: 0.5}, kd: {weight: 0.5}}. (Recipes merge
     # into this dict key by key, so a non-empty default could not be replaced, only added to.)
     losses: Dict[str, Any] = field(default_factory=dict)

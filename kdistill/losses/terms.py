@@ -9,7 +9,7 @@ trainer optimises them with the student. A term declares the module paths it wan
 
 from __future__ import annotations
 
-import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, NamedTuple
 
@@ -62,9 +62,14 @@ def register_loss(name: str, description: str) -> Callable[[type[LossTerm]], typ
     return add
 
 
+# Losses scale by T^2: beyond this a temperature is meaningless, and near 1e155 its square overflows.
+MAX_TEMPERATURE = 1000
+
+
 def _check_temperature(temperature: float) -> float:
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+    number = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+    if not (number and 0 < temperature <= MAX_TEMPERATURE):  # also refuses NaN and inf
+        raise ValueError(f"temperature must be > 0 and finite and <= {MAX_TEMPERATURE}, got {temperature!r}")
     return float(temperature)
 
 
