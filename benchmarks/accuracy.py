@@ -18,7 +18,6 @@ import statistics
 from pathlib import Path
 
 from kdistill.config import load_config
-from kdistill.evaluation import gap_recovered
 from kdistill.pipeline import Pipeline
 
 ROLES = ("teacher", "baseline", "student")
@@ -50,8 +49,8 @@ def main() -> None:
         overrides = [*args.overrides, f"seed={seed}", f"name={base.name}_seed{seed}", f"out_dir={args.out_dir}"]
         if teacher_checkpoint:
             overrides.append(f"teacher.checkpoint={teacher_checkpoint}")
-        pipeline = Pipeline(load_config(args.recipe, overrides), resume=True)
-        metrics = pipeline.run()
+        with Pipeline(load_config(args.recipe, overrides), resume=True) as pipeline:
+            metrics = pipeline.run()
         per_seed[seed] = metrics
         if args.shared_teacher and teacher_checkpoint is None:
             teacher_checkpoint = pipeline.role_dir("teacher") / "model.safetensors"
@@ -62,7 +61,8 @@ def main() -> None:
     for role in ROLES:
         print(f"  {role:<9} test accuracy {summarize([m[role]['test_accuracy'] for m in per_seed.values()])}")
     means = {role: statistics.mean(m[role]["test_accuracy"] for m in per_seed.values()) for role in ROLES}
-    gap = gap_recovered(means["teacher"], means["baseline"], means["student"])
+    lead = means["teacher"] - means["baseline"]
+    gap = (means["student"] - means["baseline"]) / lead if lead > 0 else None
     gap_text = "n/a: the teacher is not better than the baseline" if gap is None else f"{gap:.3f}"
     print(f"  gap recovered (of the means): {gap_text}")
     overheads = [m["distill_overhead"] for m in per_seed.values() if m.get("distill_overhead")]

@@ -38,10 +38,10 @@ def main() -> None:
                                         f"teacher.checkpoint={args.teacher_checkpoint}"])
         run_dir = Path(args.out_dir) / name
         only_distill = all(o.startswith("distill.") for o in overrides)
-        if first_baseline is not None and only_distill and not (run_dir / "baseline").exists():
-            shutil.copytree(first_baseline, run_dir / "baseline")
-        pipeline = Pipeline(cfg, resume=True, progress="quiet")
-        metrics = pipeline.run()
+        with Pipeline(cfg, resume=True, progress="quiet") as pipeline:
+            if first_baseline is not None and only_distill and not (run_dir / "baseline").exists():
+                shutil.copytree(first_baseline, run_dir / "baseline")  # same student and training: reuse it
+            metrics = pipeline.run()
         if first_baseline is None:
             first_baseline = run_dir / "baseline"
         rows.append({"variant": variant or "(recipe)", "student_val": metrics["student"]["val_accuracy"],

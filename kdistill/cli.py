@@ -6,34 +6,43 @@ Bad input of any kind ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 from kdistill.errors import KdistillError
 
 EXIT_BAD_INPUT = 2
 
 
-def _recipe_command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+def _recipe_command(sub, name: str, help_text: str, *, retrains: bool = False) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. distill.temperature=8")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted training in the run folder")
-    parser.add_argument("--force", action="store_true", help="delete the run folder and start over")
     parser.add_argument("--quiet", action="store_true", help="print nothing but the result")
+    if name != "check":
+        parser.add_argument("--resume", action="store_true", help="continue an interrupted training in the run folder")
+    if retrains:  # only commands that train may throw results away
+        parser.add_argument("--force", action="store_true",
+                            help="retrain what this command makes, and what depends on it (run: everything)")
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdistill", description="Knowledge distillation for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _recipe_command(sub, "run", "train the teacher, the baseline and the distilled student; evaluate; report")
-    train = _recipe_command(sub, "train", "train (or load) the teacher, or the baseline student with --baseline")
+    _recipe_command(sub, "run", "train the teacher, the baseline and the distilled student; evaluate; report",
+                    retrains=True)
+    train = _recipe_command(sub, "train", "train (or load) the teacher, or the baseline student with --baseline",
+                            retrains=True)
     train.add_argument("--baseline", action="store_true", help="train the student from scratch (cross-entropy only)")
-    _recipe_command(sub, "distill", "distill the student from the run's teacher")
+    _recipe_command(sub, "distill", "distill the student from the run's teacher", retrains=True)
     _recipe_command(sub, "soft-labels", "compute the teacher's soft labels for the training set and cache them")
     _recipe_command(sub, "eval", "evaluate the run's models on the test set; writes metrics.json")
     _recipe_command(sub, "report", "write report.md and curves.png from the run's metrics.json")
+    _recipe_command(sub, "check", "check a recipe, its data, models and paths, and say what `run` would do; "
+                                  "writes nothing")
     listing = sub.add_parser("list", help="list registered datasets, models or losses")
     listing.add_argument("kind", nargs="?", choices=("datasets", "models", "losses"), default=None)
     return parser
@@ -54,18 +63,39 @@ def _list(kind: str | None) -> None:
             print(f"{'  ' if not kind else ''}{entry:<{width}}  {info.description}")
 
 
+def _discarded(args) -> tuple[str, ...]:
+    """The roles --force throws away: what the command makes (the pipeline adds what depends on it)."""
+    if not getattr(args, "force", False):
+        return ()
+    if args.command == "train":
+        return ("baseline",) if args.baseline else ("teacher",)
+    return {"run": ("teacher", "baseline", "student"), "distill": ("student",)}[args.command]
+
+
 def _run(args) -> None:
     from kdistill.config import load_config
     from kdistill.pipeline import Pipeline
 
     cfg = load_config(args.recipe, args.overrides)
-    pipeline = Pipeline(cfg, resume=args.resume, force=args.force, progress="quiet" if args.quiet else "auto")
+    progress = "quiet" if args.quiet else "auto"
+    if args.command == "check":
+        with Pipeline(cfg, progress=progress, claim=False) as pipeline:
+            print(pipeline.describe())
+        return
+    with Pipeline(cfg, resume=args.resume, discard=_discarded(args), progress=progress) as pipeline:
+        _step(args, pipeline)
+
+
+def _step(args, pipeline) -> None:
     command = args.command
     if command == "run":
-        metrics = pipeline.run()
-        print(pipeline.report(metrics))
+        from kdistill.report import comparison_table
+
+        metrics = pipeline.run()  # writes the report too
+        print(comparison_table(metrics))
         gap = metrics.get("gap_recovered")
-        print(f"\ngap recovered: {'n/a' if gap is None else f'{gap:.3f}'}; report: {pipeline.run_dir / 'report.md'}")
+        gap_text = f"{gap:.3f}" if gap is not None else metrics.get("gap_recovered_note", "n/a")
+        print(f"\ngap recovered: {gap_text}; report: {pipeline.run_dir / 'report.md'}")
     elif command == "train":
         role = "baseline" if args.baseline else "teacher"
         pipeline.model(role)
@@ -91,7 +121,17 @@ def _run(args) -> None:
         print(f"\nreport: {pipeline.run_dir / 'report.md'}")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"kdistill: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `kdistill` command. Exit codes: 0 done, 1 training diverged or an unexpected error (a bug:
+    KDISTILL_TRACEBACK=1 shows where), 2 bad input or a folder, file or disk we cannot use, 130 interrupted."""
     parser = build_parser()
     # Overrides may come after flags (`run r.yaml --quiet a=1`), which argparse won't interleave.
     args, extra = parser.parse_known_args(argv)
@@ -100,20 +140,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides += extra
-    try:
-        if args.command == "list":
-            _list(args.kind)
-        else:
-            _run(args)
-    except KdistillError as err:
-        print(f"kdistill: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except FloatingPointError as err:
-        print(f"kdistill: training diverged: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nkdistill: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
+        try:
+            if args.command == "list":
+                _list(args.kind)
+            else:
+                _run(args)
+        except KdistillError as err:
+            print(f"kdistill: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except FloatingPointError as err:
+            print(f"kdistill: training diverged: {_one_line(err)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nkdistill: interrupted; continue with --resume", file=sys.stderr)
+            return 130
+        except OSError as err:  # a full disk, a folder that vanished, a permission: the system said no
+            where = f" ({err.filename})" if err.filename else ""
+            print(f"kdistill: error: {_one_line(err.strerror or err)}{where}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except Exception as err:  # noqa: BLE001  the last line of defence: one line, not a traceback
+            if os.environ.get("KDISTILL_TRACEBACK"):
+                raise
+            print(f"kdistill: unexpected {type(err).__name__}: {_one_line(err)} "
+                  "(set KDISTILL_TRACEBACK=1 to see where)", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -2,78 +2,215 @@
 
 A `Pipeline` owns one run folder, `<out_dir>/<name>/`:
 
+    .kdistill-run.json         marks the folder as kdistill's, records the digest of the data it trained on
+    .lock                      held by the one process working in the folder
     config.yaml                the resolved config
     teacher/ baseline/ student/
         model.safetensors      final weights (best validation epoch); present = step done
         metrics.jsonl          one line per epoch
         summary.json           training time and model selection
         train_state.safetensors   for --resume; removed once model.safetensors is written
-    metrics.json, report.md, curves.png
+    metrics.json, report.md, curves.png    derived from the models; removed when a model changes
 
 Each step can run alone (the CLI's subcommands); a step whose model.safetensors exists is
-reused, an interrupted one is continued with `resume=True`.
+reused, an interrupted one is continued with `resume=True`. Everything that can be checked is
+checked before the first epoch (config, data, models, paths, the folder's history), and a
+folder is only ever written to, or cleared, when it carries kdistill's marker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import shutil
 import statistics
-import sys
 import time
+import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kdistill import __version__
 from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller, cached_teacher_logits
-from kdistill.distill.signals import weights_digest
+from kdistill.distill.signals import check_cache_dir, default_cache_dir, weights_digest
 from kdistill.errors import KdistillError
-from kdistill.evaluation import gap_recovered, model_metrics
+from kdistill.evaluation import gap_recovered, latency_ms, model_metrics
 from kdistill.losses import build_objective, cross_entropy_objective
-from kdistill.models import create_model, output_classes
+from kdistill.models import count_parameters, create_model, output_classes
 from kdistill.report import ROLES, comparison_table, write_report
+from kdistill.storage import atomic_write_text, exclusive_lock, remove_stale_temporaries
 from kdistill.train import Progress, evaluate, fit, load_model, save_model
-from kdistill.train.checkpoint import atomic_write_text
 from kdistill.train.loop import STATE_FILE
 
 MODEL_FILE = "model.safetensors"
+MARKER_FILE = ".kdistill-run.json"
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.yaml"
+DERIVED_FILES = ("metrics.json", "report.md", "curves.png")  # computed from the models: stale when one changes
+# What a retrained step makes obsolete: a new teacher makes the distilled student stale.
+DEPENDENTS = {"teacher": ("teacher", "student"), "baseline": ("baseline",), "student": ("student",)}
+# Biggest input batch the evaluation may build at once (latency batches, evaluation batches).
+MAX_BATCH_BYTES = 2 << 30
 
 
 class Pipeline:
-    def __init__(self, cfg: DictConfig, *, resume: bool = False, force: bool = False, progress: str = "auto"):
+    """One run folder. `discard`: the roles to throw away and retrain (the CLI's --force).
+
+    `claim=False` checks everything and touches nothing (`kdistill check`). Use it as a context
+    manager (or call `close`) so the folder's lock is released.
+    """
+
+    def __init__(self, cfg: DictConfig, *, resume: bool = False, discard: Collection[str] = (),
+                 progress: str = "auto", claim: bool = True):
         self.cfg = cfg
         self.resume = resume
         self.progress = Progress(progress)
         self.run_dir = Path(cfg.out_dir) / cfg.name
+        self._stack = contextlib.ExitStack()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.data = load_data(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.data.split_seed,
                               cfg.data.download)
+        self._check_against_data()
         self._models: dict[str, nn.Module] = {}
+        self.specs = {role: (cfg.teacher if role == "teacher" else cfg.student) for role in ROLES}
         for role in ("teacher", "student"):  # a wrong name, argument or class count stops us before any work
             self.build(role)
         self.objective = build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
                                          cfg.train.label_smoothing)
-        self._claim_run_dir(force)
+        self._check_paths()
+        if claim:
+            try:
+                self._claim_run_dir(set(discard))
+            except BaseException:
+                self.close()
+                raise
 
-    # -- run folder -------------------------------------------------------------------------
-    def _claim_run_dir(self, force: bool) -> None:
-        """Refuse to mix results of different configs in one folder."""
-        config_file = self.run_dir / "config.yaml"
-        text = OmegaConf.to_yaml(self.cfg, resolve=True)
-        changed = _changed_keys(OmegaConf.create(config_file.read_text()), self.cfg) if config_file.exists() else []
-        if changed and not force:
-            raise KdistillError(
-                f"{self.run_dir} holds a run with another config ({', '.join(changed[:3])}"
-                f"{' ...' if len(changed) > 3 else ''} differ); pick another name=... or pass --force to start over"
-            )
-        if force and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_file, text)
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the run folder's lock."""
+        self._stack.close()
+
+    # -- checks before any work ------------------------------------------------------------
+    def _check_against_data(self) -> None:
+        """Settings that are only wrong for this data: found now, not after hours of training."""
+        channels, height, width = self.data.input_shape
+        for key, train in (("train", self.cfg.train), ("teacher.train", self.cfg.teacher.train)):
+            padding = train.augment.crop_padding
+            if padding > min(height, width) // 2:
+                raise KdistillError(f"{key}.augment.crop_padding={padding} is too large for {height}x{width} images: "
+                                    f"crops would be mostly black padding; use at most {min(height, width) // 2}")
+        image_bytes = 4 * channels * height * width
+        for key, sizes in (("eval.latency_batches", self.cfg.eval.latency_batches),
+                           ("eval.batch_size", [self.cfg.eval.batch_size])):
+            for size in sizes:
+                if size * image_bytes > MAX_BATCH_BYTES:
+                    raise KdistillError(f"{key}: a batch of {size} {channels}x{height}x{width} images takes "
+                                        f"{size * image_bytes / 2**30:.1f} GiB; use at most "
+                                        f"{MAX_BATCH_BYTES // image_bytes}")
+
+    def _check_paths(self) -> None:
+        checkpoint = self.cfg.teacher.checkpoint
+        if checkpoint and not Path(checkpoint).is_file():
+            raise KdistillError(f"teacher.checkpoint: {checkpoint} not found; give the path of a .safetensors file")
+        out_dir = Path(self.cfg.out_dir)
+        for folder in (out_dir, *out_dir.parents, self.run_dir):
+            if folder.exists() and not folder.is_dir():
+                raise KdistillError(f"out_dir/name: {folder} is a file, not a folder; set out_dir= to a folder")
+        if self.teacher_signal == "cached":
+            check_cache_dir(self.cache_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cfg.distill.cache_dir).expanduser() if self.cfg.distill.cache_dir else default_cache_dir()
+
+    # -- run folder ------------------------------------------------------------------------
+    def _claim_run_dir(self, discard: set[str]) -> None:
+        """Make the folder ours (or check it is), lock it, and refuse to mix results of other configs or data."""
+        run_dir = self.run_dir
+        if run_dir.is_dir() and not (run_dir / MARKER_FILE).exists() and any(run_dir.iterdir()):
+            raise KdistillError(f"{run_dir} exists and was not made by kdistill (no {MARKER_FILE}); pick another "
+                                "name=... or out_dir=... (kdistill never writes into or clears a folder it did "
+                                "not make)")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not (run_dir / MARKER_FILE).exists():
+                self._write_marker({})
+        except OSError as err:
+            raise KdistillError(f"cannot write the run folder {run_dir} ({err.strerror or err}); "
+                                "set out_dir= to a writable folder") from None
+        self._stack.enter_context(exclusive_lock(run_dir / LOCK_FILE, f"run folder {run_dir}"))
+        for stale in remove_stale_temporaries(run_dir):
+            self.progress.line(f"removed {stale}, left by an interrupted write")
+
+        marker = self._read_json(run_dir / MARKER_FILE, "run record")
+        data_digest = self.data.digest()
+        changes = self._config_changes()
+        if marker.get("data_digest") not in (None, data_digest):
+            changes.append(f"data: {self.cfg.data.name} at data.root={self.cfg.data.root} is not the data this run "
+                           "trained on")
+        if changes and not discard:
+            raise KdistillError(f"{run_dir} holds a run with another config or data ({'; '.join(changes[:3])}"
+                                f"{' ...' if len(changes) > 3 else ''}); pick another name=... or pass --force to "
+                                "start over")
+        if changes or discard:
+            roles = set(ROLES) if changes else {r for role in discard for r in DEPENDENTS[role]}
+            self._discard(roles)
+        atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(self.cfg, resolve=True))
+        self._write_marker({"data_digest": data_digest})
+
+    def _write_marker(self, record: dict) -> None:
+        atomic_write_text(self.run_dir / MARKER_FILE,
+                          json.dumps({"made_by": "kdistill", "version": __version__, **record}, indent=2))
+
+    def _config_changes(self) -> list[str]:
+        config_file = self.run_dir / CONFIG_FILE
+        if not config_file.exists():
+            return []
+        try:
+            old = OmegaConf.create(config_file.read_text())
+        except Exception as err:  # noqa: BLE001  any parse failure means the same: we cannot trust it
+            return [f"{config_file} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"]
+        return [f"{key} differs" for key in _changed_keys(old, self.cfg)]
+
+    def _discard(self, roles: set[str]) -> None:
+        """Delete what kdistill made for `roles` (and the derived files), never a file the config points at."""
+        doomed = [self.role_dir(role) for role in sorted(roles)] + [self.run_dir / f for f in DERIVED_FILES]
+        checkpoint = self.cfg.teacher.checkpoint
+        if checkpoint:
+            path = Path(checkpoint).resolve()
+            for target in doomed:
+                if path == target.resolve() or path.is_relative_to(target.resolve()):
+                    raise KdistillError(f"--force would delete teacher.checkpoint {checkpoint}, which lies in "
+                                        f"{target}: copy it out of the run folder first")
+        for target in doomed:
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        self._models = {r: m for r, m in self._models.items() if r not in roles}
+
+    def _read_json(self, path: Path, what: str) -> dict:
+        if not path.exists():
+            return {}
+        try:
+            value = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            value = None
+        if not isinstance(value, dict):
+            raise KdistillError(f"{path} ({what}) is corrupt; delete it (and rerun the step that wrote it), "
+                                "or pass --force to start the run over")
+        return value
 
     def role_dir(self, role: str) -> Path:
         return self.run_dir / role
@@ -82,8 +219,7 @@ class Pipeline:
         return (self.role_dir(role) / MODEL_FILE).exists()
 
     def summary(self, role: str) -> dict:
-        path = self.role_dir(role) / "summary.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return self._read_json(self.role_dir(role) / "summary.json", f"the {role}'s training summary")
 
     def available(self, role: str) -> bool:
         """Trained already (or, for the teacher, given as a checkpoint)."""
@@ -100,19 +236,16 @@ class Pipeline:
 
     # -- models ----------------------------------------------------------------------------
     def build(self, role: str) -> nn.Module:
-        spec = self.cfg.teacher if role == "teacher" else self.cfg.student
+        spec = self.specs[role]
+        key = "teacher" if role == "teacher" else "student"
         torch.manual_seed(self.cfg.seed)  # baseline and student start from the same weights
         kwargs = OmegaConf.to_container(spec.kwargs, resolve=True)
-        try:
-            model = create_model(spec.name, self.data.input_shape, self.data.num_classes, **kwargs)
-        except (TypeError, ValueError) as err:  # a builder refusing a value, e.g. width="wide"
-            key = "teacher" if role == "teacher" else "student"
-            raise KdistillError(f"{key}.kwargs: model '{spec.name}' rejected {kwargs}: {err}") from None
+        model = create_model(spec.name, self.data.input_shape, self.data.num_classes, **kwargs)
         classes = output_classes(model, self.data.input_shape)
         if classes != self.data.num_classes:
             raise KdistillError(
-                f"{'teacher' if role == 'teacher' else 'student'} '{spec.name}' outputs {classes} classes but "
-                f"{self.data.name} has {self.data.num_classes}: the teacher, the student and the data must agree"
+                f"{key} '{spec.name}' outputs {classes} classes but {self.data.name} has {self.data.num_classes}: "
+                "the teacher, the student and the data must agree"
             )
         return model
 
@@ -141,13 +274,13 @@ class Pipeline:
         out = self.role_dir(role)
         if (out / STATE_FILE).exists() and not self.resume:
             raise KdistillError(f"{out} holds an interrupted training: pass --resume to continue it "
-                                "or --force to start the run over")
+                                "or --force to start it over")
         if role == "student":
             distiller = self._distiller(model)
         else:
             if role == "teacher" and train_cfg.label_smoothing > 0:
-                print("warning: teacher.train.label_smoothing > 0 erases the dark knowledge that distillation "
-                      "transfers (Mueller et al. 2019); prefer 0 for teachers", file=sys.stderr)
+                warnings.warn("teacher.train.label_smoothing > 0 erases the dark knowledge that distillation "
+                              "transfers (Mueller et al. 2019); prefer 0 for teachers", stacklevel=2)
             distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing))
         result = fit(distiller, self.loader("train", train_cfg), train_cfg, val_loader=self.loader("val"),
                      out_dir=out, resume=self.resume, seed=cfg.seed, progress=self.progress, label=role)
@@ -163,8 +296,10 @@ class Pipeline:
         if role == "student":
             summary["teacher_signal"] = self.teacher_signal
             summary["teacher_weights"] = weights_digest(self.model("teacher"))
+        for name in DERIVED_FILES:  # they describe the models as they were
+            (self.run_dir / name).unlink(missing_ok=True)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        save_model(out / MODEL_FILE, model, {"model": (cfg.teacher if role == "teacher" else cfg.student).name})
+        save_model(out / MODEL_FILE, model, {"model": self.specs[role].name})
         (out / STATE_FILE).unlink(missing_ok=True)
 
     # -- teacher signal --------------------------------------------------------------------
@@ -173,7 +308,7 @@ class Pipeline:
         summary = self.summary("student")
         if summary.get("teacher_weights") not in (None, weights_digest(self.model("teacher"))):
             raise KdistillError(f"{self.role_dir('student')} was distilled from another teacher than this run's; "
-                                "pass --force to start over")
+                                "retrain it with `kdistill distill --force`, or start over with `kdistill run --force`")
 
     @property
     def teacher_signal(self) -> str:
@@ -188,8 +323,11 @@ class Pipeline:
         """The teacher's logits for every training sample: cached on disk, built if missing."""
         started = time.perf_counter()
         loader = self.loader("train")  # in order, unaugmented: the same preprocessing as evaluation
+        teacher_config = OmegaConf.to_yaml({"name": self.cfg.teacher.name, "kwargs": self.cfg.teacher.kwargs},
+                                           resolve=True)
         logits, path, built = cached_teacher_logits(
-            self.model("teacher"), loader, self.data.train.images, loader.preprocessing, self.cfg.distill.cache_dir)
+            self.model("teacher"), loader, self.data.train.images, loader.preprocessing, self.cache_dir,
+            teacher_config=teacher_config, log=self.progress.line)
         return logits, path, built, time.perf_counter() - started
 
     def _distiller(self, student: nn.Module) -> Distiller:
@@ -200,43 +338,45 @@ class Pipeline:
             verb = "computed and stored" if built else "loaded"
             self.progress.line(f"[student] soft labels {verb} in {seconds:.1f}s: {path}")
         teacher = self.model("teacher") if signal == "live" else None
-        return Distiller(teacher, student, self.objective, soft_labels=soft_labels)
+        distiller = Distiller(teacher, student, self.objective, soft_labels=soft_labels)
+        distiller.warn_if_teacher_untrained(self.loader("train"))
+        return distiller
 
     # -- evaluation and report -------------------------------------------------------------
     def evaluate(self) -> dict:
         """Evaluate every trained model once on the test set; writes metrics.json."""
         cfg = self.cfg
-        metrics: dict = {}
+        if not self.available("teacher"):
+            raise KdistillError(f"no trained teacher in {self.run_dir}: run `kdistill train` first "
+                                "or set teacher.checkpoint")
+        models = {role: self.model(role) for role in ROLES if self.available(role)}
         test, val = self.loader("test"), self.loader("val")
+        metrics: dict = {}
+        correct = {}
         teacher_predictions = None
-        for role in ROLES:
-            if not self.available(role):
-                if role == "teacher":
-                    raise KdistillError(f"no trained teacher in {self.run_dir}: run `kdistill train` first "
-                                        "or set teacher.checkpoint")
-                continue
-            model = self.model(role)
+        for role, model in models.items():
             checkpoint = Path(cfg.teacher.checkpoint) if role == "teacher" and cfg.teacher.checkpoint else \
                 self.role_dir(role) / MODEL_FILE
-            m, predictions = model_metrics(
-                model, test, input_shape=self.data.input_shape, teacher_predictions=teacher_predictions,
-                checkpoint=checkpoint, latency_batches=list(cfg.eval.latency_batches),
-                latency_repeats=cfg.eval.latency_repeats)
+            result = model_metrics(model, test, teacher_predictions=teacher_predictions, checkpoint=checkpoint)
             if role == "teacher":
-                teacher_predictions = predictions
+                teacher_predictions = result.predictions
+            correct[role] = result.correct
             summary = self.summary(role)
             metrics[role] = {
-                "model": (cfg.teacher if role == "teacher" else cfg.student).name,
+                "model": self.specs[role].name,
                 "val_accuracy": evaluate(model, val).accuracy,
-                **m,
+                **result.metrics,
                 "train_seconds": summary.get("train_seconds"),
                 "train_samples_per_second": summary.get("train_samples_per_second"),
                 "best_epoch": summary.get("best_epoch"),
             }
+        timings = latency_ms(models, self.data.input_shape, list(cfg.eval.latency_batches), cfg.eval.latency_repeats)
+        for role, latency in timings.items():
+            metrics[role]["latency_ms"] = latency
+        metrics["latency_device"] = "cpu"
         if {"teacher", "baseline", "student"} <= metrics.keys():
-            metrics["gap_recovered"] = gap_recovered(
-                metrics["teacher"]["test_accuracy"], metrics["baseline"]["test_accuracy"],
-                metrics["student"]["test_accuracy"])
+            metrics["gap_recovered"], metrics["gap_recovered_note"] = gap_recovered(
+                correct["teacher"], correct["baseline"], correct["student"])
             baseline_epoch = self.summary("baseline").get("median_epoch_seconds")
             student_epoch = self.summary("student").get("median_epoch_seconds")
             if baseline_epoch and student_epoch:
@@ -250,9 +390,14 @@ class Pipeline:
             path = self.run_dir / "metrics.json"
             if not path.exists():
                 raise KdistillError(f"{path} not found: run `kdistill eval` (or `kdistill run`) first")
-            metrics = json.loads(path.read_text())
+            metrics = self._read_json(path, "test metrics")
+        try:
+            table = comparison_table(metrics)
+        except (KeyError, TypeError, ValueError, AttributeError):  # hand-edited into another shape
+            raise KdistillError(f"{self.run_dir / 'metrics.json'} is not kdistill's metrics file; "
+                                "rerun `kdistill eval`") from None
         write_report(self.run_dir, metrics, OmegaConf.to_yaml(self.cfg, resolve=True))
-        return comparison_table(metrics)
+        return table
 
     def run(self) -> dict:
         for role in ROLES:
@@ -261,13 +406,35 @@ class Pipeline:
         self.report(metrics)
         return metrics
 
+    # -- description ---------------------------------------------------------------------
+    def describe(self) -> str:
+        """What `run` would do, in a few lines (`kdistill check`)."""
+        cfg, data = self.cfg, self.data
+        lines = [
+            f"run folder: {self.run_dir} "
+            f"({', '.join(f'{r} done' for r in ROLES if self.done(r)) or 'nothing trained yet'})",
+            f"data: {data.name}, {len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test, "
+            f"{'x'.join(map(str, data.input_shape))}, {data.num_classes} classes",
+        ]
+        for role in ("teacher", "student"):
+            spec = self.specs[role]
+            source = f"loaded from {spec.checkpoint}" if role == "teacher" and cfg.teacher.checkpoint else \
+                f"{(cfg.teacher.train if role == 'teacher' else cfg.train).epochs} epochs"
+            lines.append(f"{role}: {spec.name} {OmegaConf.to_container(spec.kwargs) or ''}".rstrip()
+                         + f", {count_parameters(self.build(role)):,} parameters, {source}")
+        terms = " + ".join(f"{w:g} {label}" for label, w in self.objective.weights.items())
+        lines.append(f"objective: {terms}; teacher signal: {self.teacher_signal}"
+                     + (f" (cache: {self.cache_dir})" if self.teacher_signal == "cached" else ""))
+        return "\n".join(lines)
+
 
 def augmentation(train_cfg) -> Augment | None:
     augment = Augment(crop_padding=train_cfg.augment.crop_padding, hflip=train_cfg.augment.hflip)
     return augment if augment.enabled else None
 
 
-# Keys that change where or how fast things run, not what a run computes.
+# Keys that change where or how fast things run, not what a run computes. data.root is here
+# because the data's digest is compared instead; threads because a resume checks it itself.
 NEUTRAL_KEYS = ("out_dir", "threads", "data.root", "data.download", "distill.cache_dir", "eval.")
 
 
@@ -275,7 +442,11 @@ def _changed_keys(old: DictConfig, new: DictConfig) -> list[str]:
     flat_old = _flatten(OmegaConf.to_container(old, resolve=True))
     flat_new = _flatten(OmegaConf.to_container(new, resolve=True))
     return sorted(k for k in flat_old.keys() | flat_new.keys()
-                  if flat_old.get(k) != flat_new.get(k) and not k.startswith(NEUTRAL_KEYS))
+                  if not _same(flat_old.get(k), flat_new.get(k)) and not k.startswith(NEUTRAL_KEYS))
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdistill.train.checkpoint import atomic_write, atomic_write_text
+from kdistill.storage import atomic_write, atomic_write_text
 
 ROLES = ("teacher", "baseline", "student")
 ROLE_TITLES = {"teacher": "teacher", "baseline": "student from scratch", "student": "student distilled"}
@@ -49,7 +49,11 @@ def write_report(run_dir: Path, metrics: dict, config_yaml: str) -> None:
         comparison_table(metrics),
         "",
         f"Gap recovered, (student - baseline) / (teacher - baseline) in test accuracy: "
-        f"{'–' if gap is None else f'{gap:.3f}'}.",
+        f"{'–' if gap is None else f'{gap:.3f}'}"
+        f"{f' ({note})' if (note := metrics.get('gap_recovered_note')) else ''}.",
+        "",
+        f"Latency: median forward time on the {metrics.get('latency_device', 'cpu').upper()}, the models timed in "
+        "interleaved rounds so that none is favoured by when it ran.",
         "",
     ]
     overhead = metrics.get("distill_overhead")

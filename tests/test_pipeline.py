@@ -76,6 +76,7 @@ def test_resume_continues_an_interrupted_training(tmp_path, soft_label_cache):
     cut = tmp_path / "cut"
     cfg = load_config("recipes/digits_quick.yaml", [f"out_dir={cut}", *FAST])
     pipeline = Pipeline(cfg, progress="quiet")
+    pipeline.close()  # the folder's lock: main() below opens it again
     loader = pipeline.loader("train", cfg.teacher.train)
     set_epoch = loader.set_epoch
 

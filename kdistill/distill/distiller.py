@@ -10,13 +10,27 @@ later, other schemes are arrangements of the same parts: `training_step` builds 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
+import warnings
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
-from kdistill.distill.signals import CachedTeacher, LiveTeacher
+from kdistill.distill.signals import CachedTeacher, LiveTeacher, freeze
 from kdistill.distill.taps import FeatureTaps
 from kdistill.losses import DEFAULT_LOSSES, DistillInputs, Objective, build_objective
+from kdistill.train.loop import unpack
+
+# TrainConfig fields that configure kdistill's own loader or plain training, not a Distiller's:
+# accepting them from Python and ignoring them would train with other settings than asked for.
+LOADER_OPTIONS = {
+    "batch_size": "set it on your DataLoader (or kdistill.data.BatchLoader)",
+    "augment": "augment in your loader (or pass augment=Augment(...) to kdistill.data.BatchLoader)",
+    "label_smoothing": "set it on the cross-entropy term: losses={'ce': {'label_smoothing': 0.1}, ...}",
+}
 
 
 class Distiller(nn.Module):
@@ -36,6 +50,8 @@ class Distiller(nn.Module):
         soft_labels: Tensor | None = None,
     ):
         super().__init__()
+        # The caller's teacher as it was, restored when `fit` returns (LiveTeacher freezes it).
+        self._teacher_state = _module_state(teacher) if teacher is not None else None
         if losses is None:
             losses = DEFAULT_LOSSES
         self.objective = losses if isinstance(losses, Objective) else build_objective(losses, temperature)
@@ -87,15 +103,77 @@ class Distiller(nn.Module):
         )
         return loss, logits, terms
 
-    def fit(self, train_loader, epochs: int, *, val_loader=None, seed: int = 0, out_dir=None,
-            progress: str = "auto", **train_options):
-        """Train with the one loop; `train_options` are TrainConfig fields (lr, optimizer, ...)."""
+    @torch.no_grad()
+    def teacher_accuracy(self, loader, max_batches: int = 4) -> tuple[float, int, int] | None:
+        """(accuracy, samples, classes) of the teacher signal on the first batches of `loader`; None without one."""
+        if self.signal is None:
+            return None
+        correct = total = classes = 0
+        for batch in itertools.islice(loader, max_batches):
+            inputs, labels, index = unpack(batch)
+            logits = self.signal(inputs, index).logits
+            correct += int((logits.argmax(1) == labels).sum())
+            total += labels.numel()
+            classes = logits.shape[1]
+        return (correct / total, total, classes) if total else None
+
+    def warn_if_teacher_untrained(self, loader) -> None:
+        """Warn when the teacher is no better than chance on the first batches: distilling from it teaches noise."""
+        measured = self.teacher_accuracy(loader)
+        if measured is None or measured[2] < 2:
+            return
+        accuracy, samples, classes = measured
+        chance = 1 / classes
+        # Not significantly above chance: within two binomial standard deviations of 1/C.
+        if accuracy < chance + 2 * math.sqrt(chance * (1 - chance) / samples):
+            warnings.warn(f"the teacher gets {100 * accuracy:.1f} % of the first {samples} training samples right, "
+                          f"no better than chance ({100 * chance:.1f} %): is it trained? Distilling from it teaches "
+                          "the student noise", stacklevel=2)
+
+    def fit(self, train_loader, epochs: int, *, val_loader=None, seed: int = 0, out_dir=None, resume: bool = False,
+            label: str = "distill", progress: str = "auto", **train_options):
+        """Train with the one loop; `train_options` are TrainConfig fields (lr, optimizer, schedule, ...).
+
+        `out_dir` keeps metrics.jsonl and a resumable state; `resume=True` continues from it.
+        The teacher is frozen while training and given back as it was (modes, requires_grad).
+        """
         from kdistill.config.loading import train_config
+        from kdistill.errors import KdistillError
         from kdistill.train import Progress, fit
 
+        for key, fix in LOADER_OPTIONS.items():
+            if key in train_options:
+                raise KdistillError(f"{key} does not apply to a loader you built: {fix}")
+        if resume and out_dir is None:
+            raise KdistillError("resume=True needs the out_dir of the interrupted training")
         cfg = train_config(epochs=epochs, **train_options)
-        return fit(self, train_loader, cfg, val_loader=val_loader, seed=seed, out_dir=out_dir,
-                   progress=Progress(progress))
+        with self._teacher_lent():
+            if not (resume and out_dir is not None):
+                self.warn_if_teacher_untrained(train_loader)
+            return fit(self, train_loader, cfg, val_loader=val_loader, seed=seed, out_dir=out_dir, resume=resume,
+                       progress=Progress(progress), label=label)
+
+    @contextlib.contextmanager
+    def _teacher_lent(self):
+        try:
+            if self.teacher is not None:
+                freeze(self.teacher)
+            yield
+        finally:
+            if self._teacher_state is not None:
+                _restore_module_state(self.teacher, self._teacher_state)
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.student(inputs)
+
+
+def _module_state(module: nn.Module) -> tuple[dict[nn.Module, bool], dict[nn.Parameter, bool]]:
+    return ({m: m.training for m in module.modules()}, {p: p.requires_grad for p in module.parameters()})
+
+
+def _restore_module_state(module: nn.Module, state) -> None:
+    modes, grads = state
+    for m, training in modes.items():
+        m.training = training
+    for p, requires_grad in grads.items():
+        p.requires_grad_(requires_grad)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.errors import KdistillError
+from kdistill.storage import atomic_write_text
 from kdistill.train.checkpoint import (
-    atomic_write_text,
     load_optimizer,
     load_tensors,
     save_optimizer,
@@ -52,6 +53,7 @@ class Evaluation:
     accuracy: float
     nll: float
     logits: Tensor  # [N, C], fp32, in loader order
+    labels: Tensor  # [N]
 
 
 def autocast(precision: str):
@@ -85,6 +87,7 @@ def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> Eva
         accuracy=(all_logits.argmax(1) == all_labels).float().mean().item(),
         nll=F.cross_entropy(all_logits, all_labels).item(),
         logits=all_logits,
+        labels=all_labels,
     )
 
 
@@ -209,6 +212,7 @@ def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: i
     optim_tensors, optim_meta = save_optimizer(optimizer)
     tensors.update(optim_tensors)
     meta = {
+        "numerics": json.dumps(_numerics()),
         "epoch": str(epoch),
         "since_best": str(since_best),
         "optimizer": optim_meta,
@@ -218,8 +222,22 @@ def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: i
     save_tensors(out_dir / STATE_FILE, tensors, meta)
 
 
+def _numerics() -> dict:
+    """What changes floating-point results besides the config: a resume under other values would
+    end with other weights than an uninterrupted run, so it is refused."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 def _restore(distiller, optimizer, out_dir: Path, result: FitResult) -> tuple[int, int, dict[str, Tensor]]:
     tensors, meta = load_tensors(out_dir / STATE_FILE)
+    saved, now = json.loads(meta.get("numerics", "{}")), _numerics()
+    changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if key in saved and saved[key] != now[key]]
+    if changed:
+        hint = f"set threads={saved['threads']}" if saved.get("threads") != now["threads"] else \
+            f"use torch {saved.get('torch')}"
+        raise KdistillError(f"{out_dir} was trained so far under other numerics ({', '.join(changed)}), so resuming "
+                            f"would not give the weights of an uninterrupted run: {hint} to resume, "
+                            "or --force to start this training over")
 
     def part(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
