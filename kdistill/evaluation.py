@@ -96,7 +96,9 @@ def gap_recovered(teacher_correct: Tensor, baseline_correct: Tensor,
     baseline_only = int((baseline_correct & ~teacher_correct).sum())
     lead = teacher_only - baseline_only
     noise = GAP_SIGMAS * math.sqrt(teacher_only + baseline_only)
-    if lead <= 0 or lead <= noise:
+    if lead <= 0:
+        return None, f"undefined: the teacher is not ahead of the baseline ({lead:+d} of {n:,} test images)"
+    if lead <= noise:
         return None, (f"undefined: the teacher leads the baseline by {lead} of {n:,} test images, "
                       f"within the noise of the comparison ({GAP_SIGMAS:g} sigma = {noise:.0f} images)")
     student_lead = int(student_correct.sum()) - int(baseline_correct.sum())

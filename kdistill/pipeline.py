@@ -21,9 +21,10 @@ folder is only ever written to, or cleared, when it carries kdistill's marker.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
-import shutil
+import os
 import statistics
 import time
 import warnings
@@ -52,6 +53,10 @@ MARKER_FILE = ".kdistill-run.json"
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
 DERIVED_FILES = ("metrics.json", "report.md", "curves.png")  # computed from the models: stale when one changes
+ROLE_FILES = (MODEL_FILE, "metrics.jsonl", "summary.json", STATE_FILE)  # what kdistill writes in a model's folder
+SUMMARY_TYPES = {"best_epoch": int, "epochs_run": int, "best_val_accuracy": (int, float), "train_seconds": (int, float),
+                 "train_samples_per_second": (int, float), "median_epoch_seconds": (int, float),
+                 "teacher_signal": str, "teacher_weights": str}
 # What a retrained step makes obsolete: a new teacher makes the distilled student stale.
 DEPENDENTS = {"teacher": ("teacher", "student"), "baseline": ("baseline",), "student": ("student",)}
 # Biggest input batch the evaluation may build at once (latency batches, evaluation batches).
@@ -80,16 +85,24 @@ class Pipeline:
         self._models: dict[str, nn.Module] = {}
         self.specs = {role: (cfg.teacher if role == "teacher" else cfg.student) for role in ROLES}
         for role in ("teacher", "student"):  # a wrong name, argument or class count stops us before any work
-            self.build(role)
+            model = self.build(role)
+            if not (role == "teacher" and cfg.teacher.checkpoint):
+                _check_trainable(model, f"{role} '{self.specs[role].name}'", self.data.input_shape)
         self.objective = build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
                                          cfg.train.label_smoothing)
         self._check_paths()
-        if claim:
-            try:
-                self._claim_run_dir(set(discard))
-            except BaseException:
-                self.close()
-                raise
+        discard = set(discard)
+        if not claim:  # `kdistill check`: the verdict `run` would reach, without writing anything
+            self._folder_verdict(discard)
+            self._check_cache_place()
+            return
+        try:
+            self._claim_run_dir(discard)
+            if self.teacher_signal == "cached":  # after the claim: the cache may live inside the run folder
+                check_cache_dir(self.cache_dir)
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -127,21 +140,70 @@ class Pipeline:
         for folder in (out_dir, *out_dir.parents, self.run_dir):
             if folder.exists() and not folder.is_dir():
                 raise KdistillError(f"out_dir/name: {folder} is a file, not a folder; set out_dir= to a folder")
-        if self.teacher_signal == "cached":
-            check_cache_dir(self.cache_dir)
+
+    def _check_cache_place(self) -> None:
+        """Whether the soft-label cache could be made, without making it (for `kdistill check`)."""
+        if self.teacher_signal != "cached":
+            return
+        place = self.cache_dir
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        if not place.is_dir() or not os.access(place, os.W_OK):
+            problem = "a file, not a folder" if not place.is_dir() else "not writable"
+            raise KdistillError(f"distill.cache_dir: cannot store soft labels in {self.cache_dir} ({place} is "
+                                f"{problem}); point distill.cache_dir (or $KDISTILL_CACHE_DIR) to a writable folder")
 
     @property
     def cache_dir(self) -> Path:
         return Path(self.cfg.distill.cache_dir).expanduser() if self.cfg.distill.cache_dir else default_cache_dir()
 
     # -- run folder ------------------------------------------------------------------------
-    def _claim_run_dir(self, discard: set[str]) -> None:
-        """Make the folder ours (or check it is), lock it, and refuse to mix results of other configs or data."""
+    def _folder_verdict(self, discard: set[str]) -> set[str]:
+        """The roles to throw away before working in the run folder; raises if kdistill must not work there.
+
+        Writes nothing: `kdistill check` calls it alone, the commands under the folder's lock.
+        """
+        if not self.run_dir.is_dir():
+            return set()
+        self._check_folder_is_ours()
+        changes = self._config_changes()
+        recorded = self._read_json(self.run_dir / MARKER_FILE, "run record").get("data_digest")
+        if recorded not in (None, self.data.digest()):
+            changes.append(f"data: {self.cfg.data.name} at data.root={self.cfg.data.root} is not the data this run "
+                           "trained on")
+        if not changes:
+            return {r for role in discard for r in DEPENDENTS[role]}
+        listed = f"{'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}"
+        if set(discard) != set(ROLES):  # a config change can touch every model: only `run --force` redoes all
+            raise KdistillError(f"{self.run_dir} holds a run with another config or data ({listed}); pick another "
+                                "name=..., or start it over with `kdistill run ... --force`")
+        return set(ROLES)
+
+    def _check_folder_is_ours(self) -> None:
         run_dir = self.run_dir
-        if run_dir.is_dir() and not (run_dir / MARKER_FILE).exists() and any(run_dir.iterdir()):
+        if not run_dir.is_dir():
+            return
+        if not (run_dir / MARKER_FILE).exists() and any(run_dir.iterdir()):
             raise KdistillError(f"{run_dir} exists and was not made by kdistill (no {MARKER_FILE}); pick another "
                                 "name=... or out_dir=... (kdistill never writes into or clears a folder it did "
                                 "not make)")
+        for path in self._own_paths():
+            if path.is_symlink():
+                raise KdistillError(f"{path} is a symbolic link: kdistill writes and deletes only its own files, "
+                                    "never through links; remove the link")
+
+    def _own_paths(self) -> list[Path]:
+        """Every path kdistill writes in the run folder."""
+        run_dir = self.run_dir
+        paths = [run_dir / name for name in (MARKER_FILE, LOCK_FILE, CONFIG_FILE, *DERIVED_FILES)]
+        for role in ROLES:
+            paths += [self.role_dir(role), *(self.role_dir(role) / name for name in ROLE_FILES)]
+        return paths
+
+    def _claim_run_dir(self, discard: set[str]) -> None:
+        """Make the folder ours (or check it is), lock it, and refuse to mix results of other configs or data."""
+        run_dir = self.run_dir
+        self._check_folder_is_ours()  # before writing the marker into it
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not (run_dir / MARKER_FILE).exists():
@@ -150,24 +212,14 @@ class Pipeline:
             raise KdistillError(f"cannot write the run folder {run_dir} ({err.strerror or err}); "
                                 "set out_dir= to a writable folder") from None
         self._stack.enter_context(exclusive_lock(run_dir / LOCK_FILE, f"run folder {run_dir}"))
-        for stale in remove_stale_temporaries(run_dir):
-            self.progress.line(f"removed {stale}, left by an interrupted write")
-
-        marker = self._read_json(run_dir / MARKER_FILE, "run record")
-        data_digest = self.data.digest()
-        changes = self._config_changes()
-        if marker.get("data_digest") not in (None, data_digest):
-            changes.append(f"data: {self.cfg.data.name} at data.root={self.cfg.data.root} is not the data this run "
-                           "trained on")
-        if changes and not discard:
-            raise KdistillError(f"{run_dir} holds a run with another config or data ({'; '.join(changes[:3])}"
-                                f"{' ...' if len(changes) > 3 else ''}); pick another name=... or pass --force to "
-                                "start over")
-        if changes or discard:
-            roles = set(ROLES) if changes else {r for role in discard for r in DEPENDENTS[role]}
+        for folder in (run_dir, *(self.role_dir(role) for role in ROLES)):  # ours only, not the user's subfolders
+            for stale in remove_stale_temporaries(folder, recursive=False):
+                self.progress.line(f"removed {stale}, left by an interrupted write")
+        roles = self._folder_verdict(discard)  # again, now that no other process can change the folder
+        if roles:
             self._discard(roles)
         atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(self.cfg, resolve=True))
-        self._write_marker({"data_digest": data_digest})
+        self._write_marker({"data_digest": self.data.digest()})
 
     def _write_marker(self, record: dict) -> None:
         atomic_write_text(self.run_dir / MARKER_FILE,
@@ -184,20 +236,19 @@ class Pipeline:
         return [f"{key} differs" for key in _changed_keys(old, self.cfg)]
 
     def _discard(self, roles: set[str]) -> None:
-        """Delete what kdistill made for `roles` (and the derived files), never a file the config points at."""
-        doomed = [self.role_dir(role) for role in sorted(roles)] + [self.run_dir / f for f in DERIVED_FILES]
+        """Delete what kdistill made for `roles` (and the derived files): never a file of the user's, never a
+        file the config points at."""
+        doomed = [self.role_dir(role) / name for role in sorted(roles) for name in ROLE_FILES]
+        doomed += [self.run_dir / name for name in DERIVED_FILES]
         checkpoint = self.cfg.teacher.checkpoint
-        if checkpoint:
-            path = Path(checkpoint).resolve()
-            for target in doomed:
-                if path == target.resolve() or path.is_relative_to(target.resolve()):
-                    raise KdistillError(f"--force would delete teacher.checkpoint {checkpoint}, which lies in "
-                                        f"{target}: copy it out of the run folder first")
-        for target in doomed:
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+        if checkpoint and Path(checkpoint).resolve() in {path.resolve() for path in doomed}:
+            raise KdistillError(f"--force would delete teacher.checkpoint {checkpoint}, which is a file of this run "
+                                "folder: copy it out of the run folder first")
+        for path in doomed:
+            path.unlink(missing_ok=True)
+        for role in roles:
+            with contextlib.suppress(OSError):  # kept if the user put files of theirs in it
+                self.role_dir(role).rmdir()
         self._models = {r: m for r, m in self._models.items() if r not in roles}
 
     def _read_json(self, path: Path, what: str) -> dict:
@@ -219,7 +270,14 @@ class Pipeline:
         return (self.role_dir(role) / MODEL_FILE).exists()
 
     def summary(self, role: str) -> dict:
-        return self._read_json(self.role_dir(role) / "summary.json", f"the {role}'s training summary")
+        path = self.role_dir(role) / "summary.json"
+        summary = self._read_json(path, f"the {role}'s training summary")
+        for key, value in summary.items():
+            kind = SUMMARY_TYPES.get(key)
+            if kind is not None and value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise KdistillError(f"{path} ({role}'s training summary) is corrupt ({key} is {value!r}); delete the "
+                                    f"{role} folder's model.safetensors to retrain it, or start over with --force")
+        return summary
 
     def available(self, role: str) -> bool:
         """Trained already (or, for the teacher, given as a checkpoint)."""
@@ -282,8 +340,11 @@ class Pipeline:
                 warnings.warn("teacher.train.label_smoothing > 0 erases the dark knowledge that distillation "
                               "transfers (Mueller et al. 2019); prefer 0 for teachers", stacklevel=2)
             distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing))
+        # A resumed distillation must go on from the same teacher (a checkpoint file may have been replaced).
+        inputs = {"teacher_weights": weights_digest(self.model("teacher"))} if role == "student" else {}
         result = fit(distiller, self.loader("train", train_cfg), train_cfg, val_loader=self.loader("val"),
-                     out_dir=out, resume=self.resume, seed=cfg.seed, progress=self.progress, label=role)
+                     out_dir=out, resume=self.resume, seed=cfg.seed, progress=self.progress, label=role,
+                     inputs=inputs)
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
@@ -358,6 +419,7 @@ class Pipeline:
             checkpoint = Path(cfg.teacher.checkpoint) if role == "teacher" and cfg.teacher.checkpoint else \
                 self.role_dir(role) / MODEL_FILE
             result = model_metrics(model, test, teacher_predictions=teacher_predictions, checkpoint=checkpoint)
+            result.metrics["checkpoint_sha256"] = _file_digest(checkpoint)
             if role == "teacher":
                 teacher_predictions = result.predictions
             correct[role] = result.correct
@@ -391,6 +453,7 @@ class Pipeline:
             if not path.exists():
                 raise KdistillError(f"{path} not found: run `kdistill eval` (or `kdistill run`) first")
             metrics = self._read_json(path, "test metrics")
+            self._check_current(metrics)
         try:
             table = comparison_table(metrics)
         except (KeyError, TypeError, ValueError, AttributeError):  # hand-edited into another shape
@@ -398,6 +461,18 @@ class Pipeline:
                                 "rerun `kdistill eval`") from None
         write_report(self.run_dir, metrics, OmegaConf.to_yaml(self.cfg, resolve=True))
         return table
+
+    def _check_current(self, metrics: dict) -> None:
+        """metrics.json describes the models whose files it recorded; refuse to report on others."""
+        for role in ROLES:
+            recorded = metrics.get(role, {}).get("checkpoint_sha256") if isinstance(metrics.get(role), dict) else None
+            if recorded is None:
+                continue
+            checkpoint = Path(self.cfg.teacher.checkpoint) if role == "teacher" and self.cfg.teacher.checkpoint \
+                else self.role_dir(role) / MODEL_FILE
+            if not checkpoint.is_file() or _file_digest(checkpoint) != recorded:
+                raise KdistillError(f"metrics.json describes a {role} whose weights ({checkpoint}) have changed since; "
+                                    "run `kdistill eval` to measure the models as they are")
 
     def run(self) -> dict:
         for role in ROLES:
@@ -426,6 +501,34 @@ class Pipeline:
         lines.append(f"objective: {terms}; teacher signal: {self.teacher_signal}"
                      + (f" (cache: {self.cache_dir})" if self.teacher_signal == "cached" else ""))
         return "\n".join(lines)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_trainable(model: nn.Module, what: str, input_shape) -> None:
+    """A model kdistill will train must have trainable parameters that its output depends on: found now,
+    not as an optimizer error after the teacher's training."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise KdistillError(f"{what} has no trainable parameters: give it some, or load a trained one "
+                            "(teacher.checkpoint)")
+    first = next(p for p in model.parameters() if p.requires_grad)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()  # leaves BatchNorm statistics alone
+    try:
+        with torch.enable_grad():
+            output = model(torch.zeros(2, *input_shape, device=first.device, dtype=first.dtype))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if not output.requires_grad:
+        raise KdistillError(f"{what} returns outputs that do not depend on its parameters (detached, or computed "
+                            "under no_grad): kdistill cannot train it")
 
 
 def augmentation(train_cfg) -> Augment | None:

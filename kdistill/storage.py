@@ -113,8 +113,12 @@ def exclusive_lock(path: Path, what: str, *, wait: bool = False,
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        # O_NOFOLLOW: a lock file planted as a symbolic link must not make us truncate what it points to.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as err:
+        if path.is_symlink():
+            raise KdistillError(f"the lock file {path} for {what} is a symbolic link; delete the link "
+                                "(kdistill never follows links to files it writes)") from None
         raise KdistillError(f"cannot create the lock file {path} for {what} ({err.strerror or err}); "
                             "make its folder writable or point kdistill to another one") from None
     try:

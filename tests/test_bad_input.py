@@ -28,7 +28,7 @@ def fails_cleanly(capsys, argv, expected: str) -> str:
     [
         ("distill.temperatur=2", "did you mean distill.temperature?"),
         ("train.lr=fast", "train.lr: wrong type"),
-        ("distill.temperature=0", "distill.temperature: must be > 0"),
+        ("distill.temperature=0", "distill.temperature: must be >= 0.01"),
         ("distill.losses.tang.alpha=1.5", "alpha must be in [0, 1]"),
         ("train.batch_size=0", "train.batch_size: must be >= 1"),
         ("student.name=resnet_huge", "unknown model"),
@@ -115,7 +115,7 @@ def test_missing_recipe(capsys, tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("distill.temperature=inf", "distill.temperature: must be > 0 and finite"),
+        ("distill.temperature=inf", "distill.temperature: must be >= 0.01 and finite"),
         ("distill.losses.kd.temperature=.nan", "distill.losses.kd.temperature: must be a finite number"),
         ("distill.losses.kd.weight=.nan", "distill.losses.kd.weight: must be a number >= 0"),
         ("distill.losses.kd=0.5", "distill.losses.kd: must be a mapping like {weight: 0.5}"),

@@ -326,8 +326,9 @@ def test_recipe_that_is_a_number(tmp_path):
     ("train.early_stop_patience=100001", "train.early_stop_patience: must be >= 1 and <= 100000 or null"),
     ("train.augment.crop_padding=65", "train.augment.crop_padding: must be >= 0 and <= 64"),
     ("data.val_size=1000000001", "data.val_size: must be >= 1 and <= 1000000000"),
-    ("distill.temperature=1e300", "distill.temperature: must be > 0 and finite and <= 1000"),
-    ("distill.losses.kd.temperature=1e300", "distill.losses.kd: temperature must be > 0 and finite and <= 1000"),
+    ("distill.temperature=1e300", "distill.temperature: must be >= 0.01 and finite and <= 1000"),
+    ("distill.temperature=1e-300", "distill.temperature: must be >= 0.01"),  # z / T overflows: "diverged" after hours
+    ("distill.losses.kd.temperature=1e300", "distill.losses.kd: temperature must be >= 0.01 and <= 1000"),
     ("distill.losses.kd.weight=1e300", "distill.losses.kd.weight: must be a number >= 0 and <= 1000000"),
     ("eval.latency_repeats=10001", "eval.latency_repeats: must be >= 1 and <= 10000"),
     ("eval.latency_batches=[]", "eval.latency_batches: must list 1 to 16 batch sizes"),
@@ -335,7 +336,7 @@ def test_recipe_that_is_a_number(tmp_path):
     ("eval.latency_batches=[1,65537]", "eval.latency_batches[1]: must be >= 1 and <= 65536, got 65537"),
     ("seed=" + "9" * 400, "seed: must be >= 0 and <= 2147483647"),
     ("distill.losses.kd.weight=" + "9" * 400, "distill.losses.kd.weight: must be a number >= 0"),
-    ("distill.losses.kd.temperature=" + "9" * 400, "distill.losses.kd: temperature must be > 0"),
+    ("distill.losses.kd.temperature=" + "9" * 400, "distill.losses.kd: temperature must be >= 0.01"),
 ])
 def test_numbers_out_of_bounds(override, expected):
     fails(DIGITS, [override], expected)

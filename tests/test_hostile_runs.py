@@ -57,8 +57,37 @@ def test_force_never_clears_a_folder_kdistill_did_not_make(capsys, tmp_path):
 
 def test_force_keeps_files_of_the_user_inside_a_run_folder(capsys, finished, tmp_path):
     (finished / "notes.txt").write_text("mine")
+    (finished / "teacher" / "notes.txt").write_text("mine too")
+    (finished / "mydata").mkdir()
+    (finished / "mydata" / ".draft.notes123.tmp").write_text("named like a temporary, but not in our folders")
     assert main(["run", DIGITS, f"out_dir={tmp_path}", *FAST, "--force", "--quiet"]) == 0
     assert (finished / "notes.txt").read_text() == "mine"
+    assert (finished / "teacher" / "notes.txt").read_text() == "mine too"
+    assert (finished / "mydata" / ".draft.notes123.tmp").exists()
+
+
+def test_a_partial_force_after_a_config_change_deletes_nothing(capsys, finished, tmp_path):
+    models = {role: (finished / role / "model.safetensors").read_bytes() for role in ("teacher", "baseline")}
+    refused(capsys, ["distill", DIGITS, f"out_dir={tmp_path}", *FAST, "distill.temperature=8", "--force"],
+            "kdistill run ... --force")
+    assert all((finished / role / "model.safetensors").read_bytes() == b for role, b in models.items())
+
+
+@pytest.mark.parametrize("link", [".lock", "teacher", "metrics.json", "student/metrics.jsonl"])
+def test_kdistill_never_writes_through_a_symbolic_link(capsys, finished, tmp_path, link):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    target = precious if link == "teacher" else precious / "thesis.tex"
+    planted = finished / link
+    if planted.is_dir():
+        import shutil
+        shutil.rmtree(planted)
+    else:
+        planted.unlink(missing_ok=True)
+    planted.symlink_to(target)
+    refused(capsys, ["run", DIGITS, f"out_dir={tmp_path}", *FAST, "--force"], "symbolic link")
+    assert (precious / "thesis.tex").read_text() == "years of work" and sorted(os.listdir(precious)) == ["thesis.tex"]
 
 
 def test_force_never_deletes_the_teacher_checkpoint_it_is_given(capsys, finished, tmp_path):
@@ -145,6 +174,52 @@ def test_a_resume_with_other_threads_is_refused(capsys, tmp_path, soft_label_cac
     assert main([*args, "threads=1", "--resume", "--quiet"]) == 0
 
 
+def test_a_resumed_distillation_refuses_another_teacher(capsys, tmp_path, soft_label_cache, monkeypatch):
+    from kdistill.train import loop
+
+    assert main(["train", DIGITS, f"out_dir={tmp_path / 'a'}", *FAST, "--quiet"]) == 0
+    assert main(["train", DIGITS, f"out_dir={tmp_path / 'b'}", *FAST, "seed=1", "--quiet"]) == 0
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes((tmp_path / "a" / RUN / "teacher" / "model.safetensors").read_bytes())
+    args = ["distill", DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST, "train.epochs=3", f"teacher.checkpoint={teacher}"]
+    real_save, calls = loop._save_state, []
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_state", save_then_die)
+    assert main([*args, "--quiet"]) == 130
+    monkeypatch.setattr(loop, "_save_state", real_save)
+    teacher.write_bytes((tmp_path / "b" / RUN / "teacher" / "model.safetensors").read_bytes())  # another teacher
+    refused(capsys, [*args, "--resume"], "teacher_weights differ")
+
+
+def test_report_refuses_metrics_of_a_teacher_that_changed(capsys, finished, tmp_path, soft_label_cache):
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes((finished / "teacher" / "model.safetensors").read_bytes())
+    args = [DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST, f"teacher.checkpoint={teacher}"]
+    assert main(["run", *args, "--quiet"]) == 0
+    assert main(["train", DIGITS, f"out_dir={tmp_path / 'other'}", *FAST, "seed=3", "--quiet"]) == 0
+    teacher.write_bytes((tmp_path / "other" / RUN / "teacher" / "model.safetensors").read_bytes())
+    refused(capsys, ["report", *args], "have changed since")
+
+
+def test_check_writes_nothing_and_reaches_the_verdict_of_run(capsys, finished, tmp_path):
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    refused(capsys, ["check", DIGITS, f"out_dir={tmp_path}", *FAST, "distill.temperature=8"], "another config")
+    code, _ = cli(capsys, "check", DIGITS, f"out_dir={tmp_path}", *FAST, f"distill.cache_dir={finished / 'cache'}")
+    assert code == 0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_cache_inside_the_run_folder(capsys, tmp_path):
+    run = tmp_path / RUN
+    assert main(["run", DIGITS, f"out_dir={tmp_path}", *FAST, f"distill.cache_dir={run / 'cache'}", "--quiet"]) == 0
+    assert list((run / "cache").glob("*.safetensors"))
+
+
 # -- 5. one process per run folder -----------------------------------------------------------
 
 def test_a_second_run_on_a_busy_folder_names_the_holder(capsys, tmp_path, soft_label_cache):
@@ -200,7 +275,61 @@ def test_a_user_model_whose_forward_fails(capsys, tmp_path, monkeypatch):
     refused(capsys, ["run", DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST, "student.name=broken_net:Broken"], "my bug")
 
 
+def write_module(tmp_path, monkeypatch, name: str, source: str) -> None:
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_a_user_model_failing_on_a_real_batch_is_one_line(capsys, tmp_path, monkeypatch, soft_label_cache):
+    write_module(tmp_path, monkeypatch, "bn_net", (
+        "import torch.nn as nn\n"
+        "class BNNet(nn.Sequential):\n"
+        "    def __init__(self, hidden=()):\n"
+        "        super().__init__(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))\n"))
+    # 1200 training images in batches of 1199: the last batch holds one image, which BatchNorm cannot train on.
+    refused(capsys, ["run", DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST, "student.name=bn_net:BNNet",
+                     "train.batch_size=1199"], "the student (BNNet) failed on a training batch of shape (1, 1, 8, 8)")
+
+
+@pytest.mark.parametrize("forward, expected", [
+    ("return x.flatten(1)[:, :10] * 0 + self.w.detach()", "do not depend on its parameters"),
+    ("return x.flatten(1)[:, :10]", "no trainable parameters"),
+])
+def test_an_untrainable_model_is_refused_before_any_training(capsys, tmp_path, monkeypatch, forward, expected):
+    module = f"untrainable_{len(forward)}"  # one module per case: Python keeps imported modules
+    write_module(tmp_path, monkeypatch, module, (
+        "import torch\nimport torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, hidden=()):\n"
+        "        super().__init__()\n"
+        f"        {'self.w = nn.Parameter(torch.zeros(10))' if 'self.w' in forward else 'pass'}\n"
+        "    def forward(self, x):\n"
+        f"        {forward}\n"))
+    refused(capsys, ["run", DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST, f"student.name={module}:Net"], expected)
+    assert not any((tmp_path / "runs").rglob("*.safetensors"))
+
+
+def test_a_resume_state_that_does_not_fit_the_model_is_one_line(capsys, finished, tmp_path):
+    state = finished / "baseline" / "train_state.safetensors"
+    state.write_bytes((finished / "teacher" / "model.safetensors").read_bytes())  # some other safetensors file
+    (finished / "baseline" / "model.safetensors").unlink()
+    refused(capsys, ["train", DIGITS, f"out_dir={tmp_path}", *FAST, "--baseline", "--resume"], "does not fit")
+
+
+def test_a_teacher_checkpoint_holding_nan_is_refused_on_load(capsys, finished, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(finished / "teacher" / "model.safetensors")
+    next(iter(weights.values()))[0] = float("nan")
+    save_file(weights, tmp_path / "nan.safetensors")
+    refused(capsys, ["run", DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST,
+                     f"teacher.checkpoint={tmp_path / 'nan.safetensors'}"], "NaN or inf")
+    assert not any((tmp_path / "runs").rglob("model.safetensors"))
+
+
 @pytest.mark.parametrize("name, content", [
+    ("student/summary.json", '{"median_epoch_seconds": "x"}'),
+    ("teacher/summary.json", '{"train_seconds": {"a": 1}}'),
     ("metrics.json", "{not json"),
     ("metrics.json", "[1, 2]"),
     ("metrics.json", '{"teacher": 3}'),
@@ -331,6 +460,30 @@ def test_fit_resumes_and_labels_its_lines(tmp_path, capsys):
                                                     resume=True, progress="quiet")
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:the teacher gets")  # an untrained teacher, on purpose
+def test_a_distiller_built_before_its_teacher_is_trained():
+    from kdistill import Distiller
+
+    teacher, student = small(16), small()
+    later = Distiller(teacher, student, losses={"kd": {}})  # the teacher is not frozen by this
+    Distiller(None, teacher, losses={"ce": {}}).fit(toy_loader(), epochs=2, lr=0.05, progress="quiet")
+    later.fit(toy_loader(), epochs=1, progress="quiet")
+
+
+def test_fit_refuses_settings_it_would_ignore(tmp_path):
+    from kdistill import Distiller, KdistillError
+    from kdistill.losses import build_objective
+
+    with pytest.raises(KdistillError, match="early_stop_patience needs a val_loader"):
+        Distiller(None, small(), losses={"ce": {}}).fit(toy_loader(), epochs=2, early_stop_patience=1, progress="quiet")
+    with pytest.raises(KdistillError, match="temperature applies to losses given as a mapping"):
+        Distiller(small(), small(), build_objective({"kd": {}}), temperature=2.0)
+    Distiller(None, small(), losses={"ce": {}}).fit(toy_loader(), epochs=1, out_dir=tmp_path, progress="quiet")
+    with pytest.raises(KdistillError, match="train.optimizer"):  # resumed under another optimizer
+        Distiller(None, small(), losses={"ce": {}}).fit(toy_loader(), epochs=2, out_dir=tmp_path, resume=True,
+                                                        optimizer="sgd", progress="quiet")
 
 
 @pytest.mark.filterwarnings("ignore:the teacher gets")  # an untrained teacher, on purpose

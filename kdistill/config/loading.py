@@ -18,7 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from kdistill.config.schema import RunConfig, TrainConfig
 from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_LOSSES, build_objective, is_number
-from kdistill.losses.terms import MAX_TEMPERATURE
+from kdistill.losses.terms import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 MAX_SEED = 2**31 - 1  # a signed 32-bit int: every random generator takes it
 MAX_COUNT = 100_000  # epochs, step_epochs, early_stop_patience: far beyond any real run, small enough to be safe
@@ -255,7 +255,7 @@ def validate(cfg: DictConfig) -> None:
     check_training(cfg.teacher.train, "teacher.train")
     _in_range(cfg.data.val_size, "data.val_size", 1, 10**9)
     _in_range(cfg.data.split_seed, "data.split_seed", 0, MAX_SEED)
-    _in_range(cfg.distill.temperature, "distill.temperature", 0, MAX_TEMPERATURE, open_low=True)
+    _in_range(cfg.distill.temperature, "distill.temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
     _in_range(cfg.eval.batch_size, "eval.batch_size", 1, MAX_BATCH)
     _in_range(cfg.eval.latency_repeats, "eval.latency_repeats", 1, 10_000)
     batches = cfg.eval.latency_batches

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from kdistill.distill.signals import CachedTeacher, LiveTeacher, freeze
 from kdistill.distill.taps import FeatureTaps
+from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_LOSSES, DistillInputs, Objective, build_objective
+from kdistill.models.registry import describe_error
 from kdistill.train.loop import unpack
 
 # TrainConfig fields that configure kdistill's own loader or plain training, not a Distiller's:
@@ -37,7 +39,9 @@ class Distiller(nn.Module):
     """Train `student` against `teacher` (an nn.Module, run live) or cached `soft_labels`.
 
     `losses` is an Objective or a `{label: {type, weight, **params}}` mapping (the
-    `distill.losses` config); None means seed 000's 0.5 * CE + 0.5 * KD at `temperature`.
+    `distill.losses` config); None means seed 000's 0.5 * CE + 0.5 * KD at `temperature`
+    (default 4). The teacher is frozen (eval mode, no gradients) while `fit` trains, then given
+    back as it was.
     """
 
     def __init__(
@@ -46,15 +50,19 @@ class Distiller(nn.Module):
         student: nn.Module,
         losses: Objective | Mapping[str, Any] | None = None,
         *,
-        temperature: float = 4.0,
+        temperature: float | None = None,
         soft_labels: Tensor | None = None,
     ):
         super().__init__()
-        # The caller's teacher as it was, restored when `fit` returns (LiveTeacher freezes it).
-        self._teacher_state = _module_state(teacher) if teacher is not None else None
         if losses is None:
             losses = DEFAULT_LOSSES
-        self.objective = losses if isinstance(losses, Objective) else build_objective(losses, temperature)
+        if isinstance(losses, Objective):
+            if temperature is not None:
+                raise KdistillError("temperature applies to losses given as a mapping; a built Objective has its "
+                                    "terms' temperatures already")
+            self.objective = losses
+        else:
+            self.objective = build_objective(losses, 4.0 if temperature is None else temperature)
         self.student = student
         self.signal = None
         if self.objective.needs_teacher:
@@ -89,9 +97,11 @@ class Distiller(nn.Module):
     def training_step(self, inputs: Tensor, labels: Tensor, index: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """One batch: returns (total loss, student logits, each term's value by label)."""
-        logits = self.student(inputs)
+        logits = _run_model(f"student ({type(self.student).__name__})", self.student, inputs)
         student_features = self.student_taps.pop() if self.student_taps else {}
-        teacher = self.signal(inputs, index) if self.signal is not None else None
+        teacher = None
+        if self.signal is not None:
+            teacher = _run_model(f"teacher ({type(self.teacher).__name__})", lambda x: self.signal(x, index), inputs)
         loss, terms = self.objective(
             DistillInputs(
                 student_logits=logits,
@@ -138,12 +148,13 @@ class Distiller(nn.Module):
         The teacher is frozen while training and given back as it was (modes, requires_grad).
         """
         from kdistill.config.loading import train_config
-        from kdistill.errors import KdistillError
         from kdistill.train import Progress, fit
 
         for key, fix in LOADER_OPTIONS.items():
             if key in train_options:
                 raise KdistillError(f"{key} does not apply to a loader you built: {fix}")
+        if train_options.get("early_stop_patience") is not None and val_loader is None:
+            raise KdistillError("early_stop_patience needs a val_loader: early stopping watches validation accuracy")
         if resume and out_dir is None:
             raise KdistillError("resume=True needs the out_dir of the interrupted training")
         cfg = train_config(epochs=epochs, **train_options)
@@ -155,13 +166,16 @@ class Distiller(nn.Module):
 
     @contextlib.contextmanager
     def _teacher_lent(self):
+        """The caller's teacher, frozen for the `with` block and then given back as it was."""
+        if self.teacher is None:
+            yield
+            return
+        state = _module_state(self.teacher)
         try:
-            if self.teacher is not None:
-                freeze(self.teacher)
+            freeze(self.teacher)
             yield
         finally:
-            if self._teacher_state is not None:
-                _restore_module_state(self.teacher, self._teacher_state)
+            _restore_module_state(self.teacher, state)
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.student(inputs)
@@ -177,3 +191,14 @@ def _restore_module_state(module: nn.Module, state) -> None:
         m.training = training
     for p, requires_grad in grads.items():
         p.requires_grad_(requires_grad)
+
+
+def _run_model(who: str, model, inputs: Tensor):
+    """Call a model on a training batch; what a user's model raises there becomes one line naming it."""
+    try:
+        return model(inputs)
+    except KdistillError:
+        raise
+    except Exception as error:  # noqa: BLE001  the model is the user's code: say which and on what
+        raise KdistillError(f"the {who} failed on a training batch of shape {tuple(inputs.shape)}: "
+                            f"{describe_error(error)}") from error

@@ -49,7 +49,9 @@ def freeze(teacher: nn.Module) -> nn.Module:
 
 class LiveTeacher:
     def __init__(self, teacher: nn.Module, taps: Sequence[str] = ()):
-        self.teacher = freeze(teacher)
+        # Not frozen here: a Distiller may be built before its teacher is trained. Each call runs it
+        # in eval mode under inference_mode, and whoever trains with it freezes it meanwhile.
+        self.teacher = teacher
         self.taps = FeatureTaps(teacher, taps) if taps else None
 
     def __call__(self, inputs: Tensor, index: Tensor | None = None) -> TeacherOutput:

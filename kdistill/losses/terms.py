@@ -63,13 +63,14 @@ def register_loss(name: str, description: str) -> Callable[[type[LossTerm]], typ
 
 
 # Losses scale by T^2: beyond this a temperature is meaningless, and near 1e155 its square overflows.
-MAX_TEMPERATURE = 1000
+# Below 0.01 softmax(z / T) is an argmax whose z / T overflows; above 1000 it is uniform and T^2 explodes.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1000
 
 
 def _check_temperature(temperature: float) -> float:
     number = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-    if not (number and 0 < temperature <= MAX_TEMPERATURE):  # also refuses NaN and inf
-        raise ValueError(f"temperature must be > 0 and finite and <= {MAX_TEMPERATURE}, got {temperature!r}")
+    if not (number and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):  # also refuses NaN and inf
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} and <= {MAX_TEMPERATURE}, got {temperature!r}")
     return float(temperature)
 
 

@@ -67,6 +67,10 @@ def load_model(path: Path, model: nn.Module, what: str = "model") -> dict[str, s
             f"checkpoint {path}{saved_as} does not fit the {what}'s architecture: {details}; "
             "point to a checkpoint of the same model and kwargs"
         )
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # found now, not as a "diverged" training or NaN soft labels after hours of other work
+        raise KdistillError(f"checkpoint {path} holds NaN or inf in {_some('', broken).strip()}; "
+                            "it comes from a diverged training: use another checkpoint")
     model.load_state_dict(tensors)
     return metadata
 

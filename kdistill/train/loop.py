@@ -17,6 +17,7 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from kdistill.errors import KdistillError
@@ -92,13 +93,15 @@ def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> Eva
 
 
 def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None = None,
-        resume: bool = False, seed: int = 0, progress: Progress | None = None,
+        resume: bool = False, seed: int = 0, progress: Progress | None = None, inputs: dict | None = None,
         label: str = "train") -> FitResult:
     """Train `distiller.student` for `cfg.epochs` epochs; returns the history and timing.
 
     With `out_dir`, writes metrics.jsonl and a resumable train state there after every epoch;
-    `resume=True` continues from that state. Validation runs in fp32 whatever the training
-    precision, so model selection sees the numbers the final evaluation will. The best
+    `resume=True` continues from that state, if it was started with the same training config,
+    seed, `inputs` (what else the result depends on, e.g. the teacher's digest) and numerics.
+    Validation runs in fp32 whatever the training precision, so model selection sees the
+    numbers the final evaluation will. The best
     validation epoch's weights end up in the student (the last epoch's without a validation loader).
     """
     progress = progress or Progress()
@@ -108,11 +111,13 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
     result = FitResult()
     best_state: dict[str, Tensor] | None = None
     start_epoch, since_best = 0, 0
+    # What the run's result depends on besides its state; epochs may grow on a resume.
+    started_from = {"seed": seed, "train": {k: v for k, v in _plain(cfg).items() if k != "epochs"}, **(inputs or {})}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume and (out_dir / STATE_FILE).exists():
-            start_epoch, since_best, best_state = _restore(distiller, optimizer, out_dir, result)
+            start_epoch, since_best, best_state = _restore(distiller, optimizer, out_dir, result, started_from)
             progress.line(f"[{label}] resuming after epoch {start_epoch}")
         else:
             (out_dir / METRICS_FILE).unlink(missing_ok=True)
@@ -185,7 +190,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
         if out_dir is not None:
             with open(out_dir / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            _save_state(distiller, optimizer, out_dir, result, epoch + 1, since_best, best_state)
+            _save_state(distiller, optimizer, out_dir, result, epoch + 1, since_best, best_state, started_from)
         if result.stopped_early:
             progress.line(f"[{label}] early stop: no better val accuracy for {since_best} epochs")
             break
@@ -203,8 +208,12 @@ def _epoch_line(label: str, record: dict, epochs: int) -> str:
     return text + f" ({record['epoch_seconds']:.1f}s, {record['samples_per_second']:.0f} samples/s)"
 
 
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(vars(cfg))
+
+
 def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: int, since_best: int,
-                best_state: dict[str, Tensor]) -> None:
+                best_state: dict[str, Tensor], started_from: dict) -> None:
     """One atomic file: weights, loss-term parameters, optimizer, best weights, history."""
     tensors = {f"model.{k}": v for k, v in distiller.student.state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in best_state.items()})
@@ -213,6 +222,7 @@ def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: i
     tensors.update(optim_tensors)
     meta = {
         "numerics": json.dumps(_numerics()),
+        "started_from": json.dumps(started_from, sort_keys=True),
         "epoch": str(epoch),
         "since_best": str(since_best),
         "optimizer": optim_meta,
@@ -228,8 +238,21 @@ def _numerics() -> dict:
     return {"threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def _restore(distiller, optimizer, out_dir: Path, result: FitResult) -> tuple[int, int, dict[str, Tensor]]:
+def _restore(distiller, optimizer, out_dir: Path, result: FitResult,
+             started_from: dict) -> tuple[int, int, dict[str, Tensor]]:
     tensors, meta = load_tensors(out_dir / STATE_FILE)
+    try:
+        saved_from = json.loads(meta.get("started_from", "null"))
+    except ValueError:
+        saved_from = None
+    if saved_from is not None and saved_from != json.loads(json.dumps(started_from, sort_keys=True)):
+        changed = sorted(k for k in started_from.keys() | saved_from.keys() if saved_from.get(k) != started_from.get(k))
+        if "train" in changed:
+            old, new = saved_from.get("train") or {}, started_from["train"]
+            changed = [c for c in changed if c != "train"] + sorted(
+                f"train.{k}" for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise KdistillError(f"{out_dir} holds a training started with other settings ({', '.join(changed)} differ): "
+                            "resume with the same ones, or start it over (--force)")
     saved, now = json.loads(meta.get("numerics", "{}")), _numerics()
     changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if key in saved and saved[key] != now[key]]
     if changed:
@@ -242,16 +265,21 @@ def _restore(distiller, optimizer, out_dir: Path, result: FitResult) -> tuple[in
     def part(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    distiller.student.load_state_dict(part("model."))
-    distiller.objective.load_state_dict(part("objective."))
-    load_optimizer(optimizer, tensors, meta["optimizer"])
-    for key, value in json.loads(meta["result"]).items():
-        setattr(result, key, value)
-    epoch = int(meta["epoch"])
+    try:
+        distiller.student.load_state_dict(part("model."))
+        distiller.objective.load_state_dict(part("objective."))
+        load_optimizer(optimizer, tensors, meta["optimizer"])
+        for key, value in json.loads(meta["result"]).items():
+            setattr(result, key, value)
+        epoch, since_best = int(meta["epoch"]), int(meta["since_best"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:  # another model, or not our file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KdistillError(f"{out_dir / STATE_FILE} does not fit this training ({first[:200]}); did the model "
+                            "change? Start the training over (--force)") from None
     # metrics.jsonl may hold lines of an epoch that finished after the state was saved.
     metrics = out_dir / METRICS_FILE
     if metrics.exists():
         lines = [line for line in metrics.read_text().splitlines() if line.strip()]
         atomic_write_text(metrics, "".join(line + "\n" for line in lines[:epoch]))
-    return epoch, int(meta["since_best"]), part("best.")
+    return epoch, since_best, part("best.")
 
