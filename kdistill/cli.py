@@ -72,6 +72,14 @@ def _discarded(args) -> tuple[str, ...]:
     return {"run": ("teacher", "baseline", "student"), "distill": ("student",)}[args.command]
 
 
+def _trained(args) -> tuple[str, ...]:
+    """The roles the command trains if they are not done yet."""
+    if args.command == "train":
+        return ("baseline",) if args.baseline else ("teacher",)
+    return {"run": ("teacher", "baseline", "student"), "distill": ("student",),
+            "soft-labels": ("teacher",)}.get(args.command, ())
+
+
 def _run(args) -> None:
     from kdistill.config import load_config
     from kdistill.pipeline import Pipeline
@@ -82,7 +90,8 @@ def _run(args) -> None:
         with Pipeline(cfg, progress=progress, claim=False) as pipeline:
             print(pipeline.describe())
         return
-    with Pipeline(cfg, resume=args.resume, discard=_discarded(args), progress=progress) as pipeline:
+    with Pipeline(cfg, resume=args.resume, discard=_discarded(args), trains=_trained(args),
+                  progress=progress) as pipeline:
         _step(args, pipeline)
 
 

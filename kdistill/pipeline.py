@@ -64,16 +64,18 @@ MAX_BATCH_BYTES = 2 << 30
 
 
 class Pipeline:
-    """One run folder. `discard`: the roles to throw away and retrain (the CLI's --force).
+    """One run folder. `discard`: the roles to throw away and retrain (the CLI's --force); `trains`: the
+    roles the command will train (an interrupted one needs `resume`).
 
     `claim=False` checks everything and touches nothing (`kdistill check`). Use it as a context
     manager (or call `close`) so the folder's lock is released.
     """
 
     def __init__(self, cfg: DictConfig, *, resume: bool = False, discard: Collection[str] = (),
-                 progress: str = "auto", claim: bool = True):
+                 trains: Collection[str] = ROLES, progress: str = "auto", claim: bool = True):
         self.cfg = cfg
         self.resume = resume
+        self.trains = set(trains)  # the roles the caller means to train: their interrupted states are checked now
         self.progress = Progress(progress)
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self._stack = contextlib.ExitStack()
@@ -136,6 +138,8 @@ class Pipeline:
         checkpoint = self.cfg.teacher.checkpoint
         if checkpoint and not Path(checkpoint).is_file():
             raise KdistillError(f"teacher.checkpoint: {checkpoint} not found; give the path of a .safetensors file")
+        if checkpoint:  # its format, architecture and values, before anything else is trained
+            load_model(Path(checkpoint), self.build("teacher"), what=f"teacher '{self.cfg.teacher.name}'")
         out_dir = Path(self.cfg.out_dir)
         for folder in (out_dir, *out_dir.parents, self.run_dir):
             if folder.exists() and not folder.is_dir():
@@ -172,7 +176,12 @@ class Pipeline:
             changes.append(f"data: {self.cfg.data.name} at data.root={self.cfg.data.root} is not the data this run "
                            "trained on")
         if not changes:
-            return {r for role in discard for r in DEPENDENTS[role]}
+            doomed = {r for role in discard for r in DEPENDENTS[role]}
+            for role in sorted(self.trains - doomed):
+                if (self.role_dir(role) / STATE_FILE).exists() and not self.resume:
+                    raise KdistillError(f"{self.role_dir(role)} holds an interrupted training: pass --resume to "
+                                        "continue it or --force to start it over")
+            return doomed
         listed = f"{'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}"
         if set(discard) != set(ROLES):  # a config change can touch every model: only `run --force` redoes all
             raise KdistillError(f"{self.run_dir} holds a run with another config or data ({listed}); pick another "
@@ -181,6 +190,9 @@ class Pipeline:
 
     def _check_folder_is_ours(self) -> None:
         run_dir = self.run_dir
+        if run_dir.is_symlink():
+            raise KdistillError(f"{run_dir} is a symbolic link: kdistill writes and deletes only its own files, "
+                                "never through links; remove the link or pick another name=...")
         if not run_dir.is_dir():
             return
         if not (run_dir / MARKER_FILE).exists() and any(run_dir.iterdir()):
@@ -191,6 +203,10 @@ class Pipeline:
             if path.is_symlink():
                 raise KdistillError(f"{path} is a symbolic link: kdistill writes and deletes only its own files, "
                                     "never through links; remove the link")
+        for role in ROLES:
+            if self.role_dir(role).exists() and not self.role_dir(role).is_dir():
+                raise KdistillError(f"{self.role_dir(role)} is a file: kdistill keeps the {role}'s files in a folder "
+                                    "of that name; move the file away")
 
     def _own_paths(self) -> list[Path]:
         """Every path kdistill writes in the run folder."""
@@ -228,12 +244,12 @@ class Pipeline:
     def _config_changes(self) -> list[str]:
         config_file = self.run_dir / CONFIG_FILE
         if not config_file.exists():
-            return []
+            trained = any(self.role_dir(role).exists() for role in ROLES)
+            return [f"{config_file} is missing, so what the models were trained with is unknown"] if trained else []
         try:
-            old = OmegaConf.create(config_file.read_text())
-        except Exception as err:  # noqa: BLE001  any parse failure means the same: we cannot trust it
+            return [f"{key} differs" for key in _changed_keys(OmegaConf.create(config_file.read_text()), self.cfg)]
+        except Exception as err:  # noqa: BLE001  any parse or resolve failure means the same: we cannot trust it
             return [f"{config_file} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"]
-        return [f"{key} differs" for key in _changed_keys(old, self.cfg)]
 
     def _discard(self, roles: set[str]) -> None:
         """Delete what kdistill made for `roles` (and the derived files): never a file of the user's, never a
@@ -340,11 +356,11 @@ class Pipeline:
                 warnings.warn("teacher.train.label_smoothing > 0 erases the dark knowledge that distillation "
                               "transfers (Mueller et al. 2019); prefer 0 for teachers", stacklevel=2)
             distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing))
-        # A resumed distillation must go on from the same teacher (a checkpoint file may have been replaced).
-        inputs = {"teacher_weights": weights_digest(self.model("teacher"))} if role == "student" else {}
-        result = fit(distiller, self.loader("train", train_cfg), train_cfg, val_loader=self.loader("val"),
-                     out_dir=out, resume=self.resume, seed=cfg.seed, progress=self.progress, label=role,
-                     inputs=inputs)
+        # A resumed distillation must go on from the same teacher and objective (a checkpoint file or the
+        # teacher's code may have changed in between).
+        loader = self.loader("train", train_cfg)
+        result = fit(distiller, loader, train_cfg, val_loader=self.loader("val"), out_dir=out, resume=self.resume,
+                     seed=cfg.seed, progress=self.progress, label=role, inputs=distiller.fingerprint(loader))
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
@@ -456,10 +472,10 @@ class Pipeline:
             self._check_current(metrics)
         try:
             table = comparison_table(metrics)
+            write_report(self.run_dir, metrics, OmegaConf.to_yaml(self.cfg, resolve=True))
         except (KeyError, TypeError, ValueError, AttributeError):  # hand-edited into another shape
             raise KdistillError(f"{self.run_dir / 'metrics.json'} is not kdistill's metrics file; "
                                 "rerun `kdistill eval`") from None
-        write_report(self.run_dir, metrics, OmegaConf.to_yaml(self.cfg, resolve=True))
         return table
 
     def _check_current(self, metrics: dict) -> None:

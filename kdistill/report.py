@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdistill.errors import KdistillError
 from kdistill.storage import atomic_write, atomic_write_text
 
 ROLES = ("teacher", "baseline", "student")
+HISTORY_KEYS = ("epoch", "train_loss")  # what the curves read from every epoch record
 ROLE_TITLES = {"teacher": "teacher", "baseline": "student from scratch", "student": "student distilled"}
 
 
@@ -77,9 +79,23 @@ def write_report(run_dir: Path, metrics: dict, config_yaml: str) -> None:
 
 
 def read_history(path: Path) -> list[dict]:
+    """The per-epoch records of metrics.jsonl; a line that is not one of ours is a one-line error naming the file."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    history = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and all(isinstance(record.get(k), (int, float)) and
+                                                 not isinstance(record.get(k), bool) for k in HISTORY_KEYS)):
+            raise KdistillError(f"{path} line {number} is not an epoch record of kdistill's; delete the line (or "
+                                "retrain that model with --force)")
+        history.append(record)
+    return history
 
 
 def write_curves(run_dir: Path) -> None:
@@ -97,7 +113,7 @@ def write_curves(run_dir: Path) -> None:
             continue
         epochs = [r["epoch"] for r in history]
         ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label=ROLE_TITLES[role])
-        if "val_accuracy" in history[0]:
+        if all(isinstance(r.get("val_accuracy"), (int, float)) for r in history):
             ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], marker="o", label=ROLE_TITLES[role])
     ax_loss.set(title="training loss (each model's own objective)", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")

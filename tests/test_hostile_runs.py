@@ -193,7 +193,7 @@ def test_a_resumed_distillation_refuses_another_teacher(capsys, tmp_path, soft_l
     assert main([*args, "--quiet"]) == 130
     monkeypatch.setattr(loop, "_save_state", real_save)
     teacher.write_bytes((tmp_path / "b" / RUN / "teacher" / "model.safetensors").read_bytes())  # another teacher
-    refused(capsys, [*args, "--resume"], "teacher_weights differ")
+    refused(capsys, [*args, "--resume"], "changed: teacher")
 
 
 def test_report_refuses_metrics_of_a_teacher_that_changed(capsys, finished, tmp_path, soft_label_cache):
@@ -313,7 +313,8 @@ def test_a_resume_state_that_does_not_fit_the_model_is_one_line(capsys, finished
     state = finished / "baseline" / "train_state.safetensors"
     state.write_bytes((finished / "teacher" / "model.safetensors").read_bytes())  # some other safetensors file
     (finished / "baseline" / "model.safetensors").unlink()
-    refused(capsys, ["train", DIGITS, f"out_dir={tmp_path}", *FAST, "--baseline", "--resume"], "does not fit")
+    refused(capsys, ["train", DIGITS, f"out_dir={tmp_path}", *FAST, "--baseline", "--resume"],
+            "is not a kdistill training state")
 
 
 def test_a_teacher_checkpoint_holding_nan_is_refused_on_load(capsys, finished, tmp_path):
@@ -545,3 +546,118 @@ def test_metrics_report_no_gap_for_a_teacher_within_noise(finished):
     assert ("gap_recovered" in metrics) and ("gap_recovered_note" in metrics)
     if metrics["gap_recovered"] is None:
         assert "undefined" in metrics["gap_recovered_note"]
+
+
+# -- a third look (second review of this hardening) -----------------------------------------
+
+def test_a_resumed_distillation_refuses_a_teacher_whose_code_changed(capsys, tmp_path, monkeypatch,
+                                                                     soft_label_cache):
+    from kdistill.train import loop
+
+    write_module(tmp_path, monkeypatch, "scaled_teacher", (
+        "import torch.nn as nn\nSCALE = 1.0\n"
+        "class Teach(nn.Module):\n"
+        "    def __init__(self, hidden=()):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x.flatten(1)) * SCALE\n"))
+    args = ["distill", DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST, "train.epochs=3",
+            "teacher.name=scaled_teacher:Teach"]
+    assert main(["train", *args[1:], "--quiet"]) == 0
+    real_save = loop._save_state
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_state", save_then_die)
+    assert main([*args, "--quiet"]) == 130
+    monkeypatch.setattr(loop, "_save_state", real_save)
+    import scaled_teacher
+    monkeypatch.setattr(scaled_teacher, "SCALE", 3.0)  # same weights, same config, other outputs
+    refused(capsys, [*args, "--resume"], "changed: teacher")
+
+
+def test_the_run_folder_itself_as_a_link_is_refused(capsys, finished, tmp_path):
+    elsewhere = tmp_path / "links"
+    elsewhere.mkdir()
+    (elsewhere / RUN).symlink_to(finished)
+    before = (finished / "teacher" / "model.safetensors").read_bytes()
+    refused(capsys, ["run", DIGITS, f"out_dir={elsewhere}", *FAST, "--force"], "symbolic link")
+    assert (finished / "teacher" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("edit, command, expected", [
+    (lambda run: (run / "config.yaml").write_text("seed: ${nope}\n"), "report", "config.yaml is unreadable"),
+    (lambda run: (run / "config.yaml").unlink(), "run", "config.yaml is missing"),
+    (lambda run: (run / "student" / "metrics.jsonl").write_text('{not json\n'), "report", "metrics.jsonl line 1"),
+    (lambda run: (run / "teacher" / "metrics.jsonl").write_text('{"epoch": 1}\n'), "report", "metrics.jsonl line 1"),
+    (lambda run: (run / "metrics.json").write_text(
+        (run / "metrics.json").read_text().replace('"latency_device": "cpu"', '"latency_device": 5')),
+     "report", "not kdistill's metrics file"),
+])
+def test_hand_edited_run_files_are_one_line(capsys, finished, tmp_path, edit, command, expected):
+    edit(finished)
+    refused(capsys, [command, DIGITS, f"out_dir={tmp_path}", *FAST], expected)
+
+
+def test_a_broken_config_yaml_does_not_lock_the_user_out(capsys, finished, tmp_path):
+    (finished / "config.yaml").write_text("seed: ${nope}\n")
+    assert main(["run", DIGITS, f"out_dir={tmp_path}", *FAST, "--force", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("key, value", [("numerics", "notjson"), ("numerics", '{"torch": "1.0"}'),
+                                        ("started_from", "[1, 2]"), ("result", "[1]"), ("result", '{"history": 5}')])
+def test_a_hand_edited_training_state_is_one_line(capsys, tmp_path, soft_label_cache, monkeypatch, key, value):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from kdistill.train import loop
+
+    real_save = loop._save_state
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_state", save_then_die)
+    args = ["train", DIGITS, f"out_dir={tmp_path}", *FAST, "teacher.train.epochs=3"]
+    assert main([*args, "--quiet"]) == 130
+    monkeypatch.setattr(loop, "_save_state", real_save)
+    state = tmp_path / RUN / "teacher" / "train_state.safetensors"
+    with safe_open(state, "pt") as handle:
+        tensors, meta = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+    save_file(tensors, state, metadata={**meta, key: value})
+    refused(capsys, [*args, "--resume"], "train_state.safetensors")
+
+
+def test_check_refuses_what_run_refuses(capsys, finished, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_text("not a checkpoint")
+    student = finished / "student" / "model.safetensors"
+    for checkpoint, expected in ((garbage, "not a readable safetensors file"), (student, "does not fit")):
+        refused(capsys, ["check", DIGITS, f"out_dir={tmp_path / 'other'}", *FAST, f"teacher.checkpoint={checkpoint}"],
+                expected)
+    (finished / "student" / "train_state.safetensors").write_bytes(b"interrupted")
+    (finished / "student" / "model.safetensors").unlink()
+    refused(capsys, ["check", DIGITS, f"out_dir={tmp_path}", *FAST], "pass --resume")
+    import shutil
+    shutil.rmtree(finished / "baseline")
+    (finished / "baseline").write_text("my notes")
+    refused(capsys, ["check", DIGITS, f"out_dir={tmp_path}", *FAST], "is a file")
+
+
+def test_the_python_api_resumes_only_with_the_same_teacher(tmp_path):
+    from kdistill import Distiller, KdistillError
+
+    teacher_a, teacher_b = small(16), small(16)
+    losses = {"ce": {}, "kd": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained teachers, on purpose
+        Distiller(teacher_a, small(), losses).fit(toy_loader(), epochs=1, out_dir=tmp_path, progress="quiet")
+        with pytest.raises(KdistillError, match="changed: teacher"):
+            Distiller(teacher_b, small(), losses).fit(toy_loader(), epochs=2, out_dir=tmp_path, resume=True,
+                                                      progress="quiet")
+        Distiller(teacher_a, small(), losses).fit(toy_loader(), epochs=2, out_dir=tmp_path, resume=True,
+                                                  progress="quiet")

@@ -88,8 +88,9 @@ def test_resume_continues_an_interrupted_training(tmp_path, soft_label_cache):
     loader.set_epoch = crash_at_epoch_3
     teacher_dir = pipeline.role_dir("teacher")
     with pytest.raises(KeyboardInterrupt):
-        fit(Distiller(None, pipeline.build("teacher"), cross_entropy_objective()), loader, cfg.teacher.train,
-            val_loader=pipeline.loader("val"), out_dir=teacher_dir, seed=cfg.seed)
+        distiller = Distiller(None, pipeline.build("teacher"), cross_entropy_objective())
+        fit(distiller, loader, cfg.teacher.train, val_loader=pipeline.loader("val"), out_dir=teacher_dir, seed=cfg.seed,
+            inputs=distiller.fingerprint(loader))  # as the pipeline does
     assert (teacher_dir / "train_state.safetensors").exists()
     assert not (teacher_dir / "model.safetensors").exists()
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from kdistill.distill.signals import CachedTeacher, LiveTeacher, freeze
+from kdistill.distill.signals import CachedTeacher, LiveTeacher, freeze, tensor_digest, weights_digest
 from kdistill.distill.taps import FeatureTaps
 from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_LOSSES, DistillInputs, Objective, build_objective
@@ -127,6 +127,28 @@ class Distiller(nn.Module):
             classes = logits.shape[1]
         return (correct / total, total, classes) if total else None
 
+    @torch.no_grad()
+    def fingerprint(self, loader) -> dict:
+        """What a resumed training must share with the one it continues: the objective and the teacher.
+
+        The teacher is identified by its weights and by its outputs on the loader's first inputs,
+        which also changes when its code or a plain attribute does. Exact digests are right here:
+        a resume already requires the same thread count and torch version.
+        """
+        terms = {label: [type(term).__name__, self.objective.weights[label],
+                         {k: v for k, v in vars(term).items()
+                          if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool))}]
+                 for label, term in self.objective.terms.items()}
+        fingerprint = {"objective": terms}
+        if isinstance(self.signal, CachedTeacher):
+            fingerprint["teacher"] = tensor_digest(self.signal.logits)
+        elif self.signal is not None:
+            inputs = unpack(next(iter(loader)))[0][:8]
+            with self._teacher_lent():
+                outputs = self.signal(inputs).logits
+            fingerprint["teacher"] = weights_digest(self.teacher) + tensor_digest(outputs.float().cpu())
+        return fingerprint
+
     def warn_if_teacher_untrained(self, loader) -> None:
         """Warn when the teacher is no better than chance on the first batches: distilling from it teaches noise."""
         measured = self.teacher_accuracy(loader)
@@ -162,7 +184,7 @@ class Distiller(nn.Module):
             if not (resume and out_dir is not None):
                 self.warn_if_teacher_untrained(train_loader)
             return fit(self, train_loader, cfg, val_loader=val_loader, seed=seed, out_dir=out_dir, resume=resume,
-                       progress=Progress(progress), label=label)
+                       progress=Progress(progress), label=label, inputs=self.fingerprint(train_loader))
 
     @contextlib.contextmanager
     def _teacher_lent(self):

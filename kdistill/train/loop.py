@@ -232,6 +232,21 @@ def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: i
     save_tensors(out_dir / STATE_FILE, tensors, meta)
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _valid_result(restored) -> bool:
+    """The FitResult fields a state stores, of the types the loop will use them as."""
+    number = (int, float)
+    return (isinstance(restored, dict)
+            and isinstance(restored.get("history"), list) and all(isinstance(r, dict) for r in restored["history"])
+            and isinstance(restored.get("best_epoch"), int)
+            and (restored.get("best_val_accuracy") is None or isinstance(restored["best_val_accuracy"], number))
+            and isinstance(restored.get("train_seconds"), number) and isinstance(restored.get("train_samples"), int)
+            and isinstance(restored.get("stopped_early"), bool))
+
+
 def _numerics() -> dict:
     """What changes floating-point results besides the config: a resume under other values would
     end with other weights than an uninterrupted run, so it is refused."""
@@ -240,27 +255,35 @@ def _numerics() -> dict:
 
 def _restore(distiller, optimizer, out_dir: Path, result: FitResult,
              started_from: dict) -> tuple[int, int, dict[str, Tensor]]:
-    tensors, meta = load_tensors(out_dir / STATE_FILE)
+    path = out_dir / STATE_FILE
+    tensors, meta = load_tensors(path)
     try:
-        saved_from = json.loads(meta.get("started_from", "null"))
-    except ValueError:
-        saved_from = None
-    if saved_from is not None and saved_from != json.loads(json.dumps(started_from, sort_keys=True)):
+        saved_numerics, saved_from = json.loads(meta["numerics"]), json.loads(meta["started_from"])
+        restored = json.loads(meta["result"])
+        epoch, since_best = int(meta["epoch"]), int(meta["since_best"])
+        if not (isinstance(saved_numerics, dict) and isinstance(saved_numerics.get("threads"), int)
+                and isinstance(saved_numerics.get("torch"), str) and isinstance(saved_from, dict)
+                and _valid_result(restored)):
+            raise ValueError("metadata of the wrong shape")
+    except (KeyError, ValueError, TypeError) as err:
+        raise KdistillError(f"{path} is not a kdistill training state ({_first_line(err)}); delete it, or start the "
+                            "training over (--force)") from None
+    now = _numerics()
+    changed = [f"{key} {saved_numerics.get(key)} -> {now[key]}" for key in now if saved_numerics.get(key) != now[key]]
+    if changed:  # checked first: other numerics also change the teacher's outputs in the fingerprint below
+        hint = f"set threads={saved_numerics.get('threads')}" if saved_numerics.get("threads") != now["threads"] \
+            else f"use torch {saved_numerics.get('torch')}"
+        raise KdistillError(f"{out_dir} was trained so far under other numerics ({', '.join(changed)}), so resuming "
+                            f"would not give the weights of an uninterrupted run: {hint} to resume, "
+                            "or --force to start this training over")
+    if saved_from != json.loads(json.dumps(started_from, sort_keys=True)):
         changed = sorted(k for k in started_from.keys() | saved_from.keys() if saved_from.get(k) != started_from.get(k))
         if "train" in changed:
             old, new = saved_from.get("train") or {}, started_from["train"]
             changed = [c for c in changed if c != "train"] + sorted(
                 f"train.{k}" for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise KdistillError(f"{out_dir} holds a training started with other settings ({', '.join(changed)} differ): "
-                            "resume with the same ones, or start it over (--force)")
-    saved, now = json.loads(meta.get("numerics", "{}")), _numerics()
-    changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if key in saved and saved[key] != now[key]]
-    if changed:
-        hint = f"set threads={saved['threads']}" if saved.get("threads") != now["threads"] else \
-            f"use torch {saved.get('torch')}"
-        raise KdistillError(f"{out_dir} was trained so far under other numerics ({', '.join(changed)}), so resuming "
-                            f"would not give the weights of an uninterrupted run: {hint} to resume, "
-                            "or --force to start this training over")
+        raise KdistillError(f"{out_dir} holds a training started with other settings (changed: {', '.join(changed)}):"
+                            " resume with the same ones, or start it over (--force)")
 
     def part(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -269,13 +292,11 @@ def _restore(distiller, optimizer, out_dir: Path, result: FitResult,
         distiller.student.load_state_dict(part("model."))
         distiller.objective.load_state_dict(part("objective."))
         load_optimizer(optimizer, tensors, meta["optimizer"])
-        for key, value in json.loads(meta["result"]).items():
-            setattr(result, key, value)
-        epoch, since_best = int(meta["epoch"]), int(meta["since_best"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as err:  # another model, or not our file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise KdistillError(f"{out_dir / STATE_FILE} does not fit this training ({first[:200]}); did the model "
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:  # another model, or not our file
+        raise KdistillError(f"{path} does not fit this training ({_first_line(err)[:200]}); did the model "
                             "change? Start the training over (--force)") from None
+    for key, value in restored.items():
+        setattr(result, key, value)
     # metrics.jsonl may hold lines of an epoch that finished after the state was saved.
     metrics = out_dir / METRICS_FILE
     if metrics.exists():
