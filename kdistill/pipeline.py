@@ -21,9 +21,9 @@ folder is only ever written to, or cleared, when it carries kdistill's marker.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
-import math
 import os
 import statistics
 import time
@@ -139,7 +139,7 @@ class Pipeline:
         if checkpoint and not Path(checkpoint).is_file():
             raise KdistillError(f"teacher.checkpoint: {checkpoint} not found; give the path of a .safetensors file")
         if checkpoint:  # its format, architecture and values, before anything else is trained
-            load_model(Path(checkpoint), self.build("teacher"), what=f"teacher '{self.cfg.teacher.name}'")
+            self.model("teacher")
         out_dir = Path(self.cfg.out_dir)
         for folder in (out_dir, *out_dir.parents, self.run_dir):
             if folder.exists() and not folder.is_dir():
@@ -157,6 +157,10 @@ class Pipeline:
             raise KdistillError(f"distill.cache_dir: cannot store soft labels in {self.cache_dir} ({place} is "
                                 f"{problem}); point distill.cache_dir (or $KDISTILL_CACHE_DIR) to a writable folder")
 
+    @functools.cached_property
+    def data_digest(self) -> str:
+        return self.data.digest()
+
     @property
     def cache_dir(self) -> Path:
         return Path(self.cfg.distill.cache_dir).expanduser() if self.cfg.distill.cache_dir else default_cache_dir()
@@ -172,7 +176,7 @@ class Pipeline:
         self._check_folder_is_ours()
         changes = self._config_changes()
         recorded = self._read_json(self.run_dir / MARKER_FILE, "run record").get("data_digest")
-        if recorded not in (None, self.data.digest()):
+        if recorded not in (None, self.data_digest):
             changes.append(f"data: {self.cfg.data.name} at data.root={self.cfg.data.root} is not the data this run "
                            "trained on")
         if not changes:
@@ -235,7 +239,7 @@ class Pipeline:
         if roles:
             self._discard(roles)
         atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(self.cfg, resolve=True))
-        self._write_marker({"data_digest": self.data.digest()})
+        self._write_marker({"data_digest": self.data_digest})
 
     def _write_marker(self, record: dict) -> None:
         atomic_write_text(self.run_dir / MARKER_FILE,
@@ -561,11 +565,7 @@ def _changed_keys(old: DictConfig, new: DictConfig) -> list[str]:
     flat_old = _flatten(OmegaConf.to_container(old, resolve=True))
     flat_new = _flatten(OmegaConf.to_container(new, resolve=True))
     return sorted(k for k in flat_old.keys() | flat_new.keys()
-                  if not _same(flat_old.get(k), flat_new.get(k)) and not k.startswith(NEUTRAL_KEYS))
-
-
-def _same(a, b) -> bool:
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+                  if flat_old.get(k) != flat_new.get(k) and not k.startswith(NEUTRAL_KEYS))
 
 
 def _flatten(tree, prefix: str = "") -> dict:
