@@ -194,19 +194,16 @@ class Pipeline:
 
     def _check_folder_is_ours(self) -> None:
         run_dir = self.run_dir
-        if run_dir.is_symlink():
-            raise KdistillError(f"{run_dir} is a symbolic link: kdistill writes and deletes only its own files, "
-                                "never through links; remove the link or pick another name=...")
+        for path in (run_dir, *self._own_paths()):
+            if path.is_symlink():
+                raise KdistillError(f"{path} is a symbolic link: kdistill writes and deletes only its own files, "
+                                    "never through links; remove the link")
         if not run_dir.is_dir():
             return
         if not (run_dir / MARKER_FILE).exists() and any(run_dir.iterdir()):
             raise KdistillError(f"{run_dir} exists and was not made by kdistill (no {MARKER_FILE}); pick another "
                                 "name=... or out_dir=... (kdistill never writes into or clears a folder it did "
                                 "not make)")
-        for path in self._own_paths():
-            if path.is_symlink():
-                raise KdistillError(f"{path} is a symbolic link: kdistill writes and deletes only its own files, "
-                                    "never through links; remove the link")
         for role in ROLES:
             if self.role_dir(role).exists() and not self.role_dir(role).is_dir():
                 raise KdistillError(f"{self.role_dir(role)} is a file: kdistill keeps the {role}'s files in a folder "

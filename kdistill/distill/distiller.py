@@ -139,15 +139,15 @@ class Distiller(nn.Module):
                          {k: v for k, v in vars(term).items()
                           if not k.startswith("_") and k != "training" and isinstance(v, (int, float, str, bool))}]
                  for label, term in self.objective.terms.items()}
-        fingerprint = {"objective": terms}
+        parts = {"objective": terms}
         if isinstance(self.signal, CachedTeacher):
-            fingerprint["teacher"] = tensor_digest(self.signal.logits)
+            parts["teacher"] = tensor_digest(self.signal.logits)
         elif self.signal is not None:
             inputs = unpack(next(iter(loader)))[0][:8]
             with self._teacher_lent():
                 outputs = self.signal(inputs).logits
-            fingerprint["teacher"] = weights_digest(self.teacher) + tensor_digest(outputs.float().cpu())
-        return fingerprint
+            parts["teacher"] = weights_digest(self.teacher) + tensor_digest(outputs.float().cpu())
+        return parts
 
     def warn_if_teacher_untrained(self, loader) -> None:
         """Warn when the teacher is no better than chance on the first batches: distilling from it teaches noise."""
