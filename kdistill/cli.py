@@ -26,6 +26,8 @@ def _recipe_command(sub, name: str, help_text: str, *, retrains: bool = False) -
     if retrains:  # only commands that train may throw results away
         parser.add_argument("--force", action="store_true",
                             help="retrain what this command makes, and what depends on it (run: everything)")
+        parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                            help="train in N processes on this machine (DDP, as torchrun --nproc_per_node N does)")
     return parser
 
 
@@ -83,9 +85,10 @@ def _trained(args) -> tuple[str, ...]:
 def _run(args) -> None:
     from kdistill.config import load_config
     from kdistill.pipeline import Pipeline
+    from kdistill.train import distributed
 
     cfg = load_config(args.recipe, args.overrides)
-    progress = "quiet" if args.quiet else "auto"
+    progress = "quiet" if args.quiet or not distributed.is_main() else "auto"
     if args.command == "check":
         with Pipeline(cfg, progress=progress, claim=False) as pipeline:
             print(pipeline.describe())
@@ -97,37 +100,81 @@ def _run(args) -> None:
 
 def _step(args, pipeline) -> None:
     command = args.command
+    # Under torchrun the other processes train alongside rank 0; rank 0 alone evaluates, writes and prints.
+    say = print if pipeline.main else _silent
+    if not pipeline.main and command not in ("run", "train", "distill", "soft-labels"):
+        return
     if command == "run":
         from kdistill.report import comparison_table
 
         metrics = pipeline.run()  # writes the report too
-        print(comparison_table(metrics))
+        if not pipeline.main:
+            return
+        say(comparison_table(metrics))
         gap = metrics.get("gap_recovered")
         gap_text = f"{gap:.3f}" if gap is not None else metrics.get("gap_recovered_note", "n/a")
-        print(f"\ngap recovered: {gap_text}; report: {pipeline.run_dir / 'report.md'}")
+        say(f"\ngap recovered: {gap_text}; report: {pipeline.run_dir / 'report.md'}")
     elif command == "train":
         role = "baseline" if args.baseline else "teacher"
         pipeline.model(role)
-        print(f"{role}: {pipeline.run_dir / role}")
+        say(f"{role}: {pipeline.run_dir / role}")
     elif command == "distill":
         if not pipeline.available("teacher"):
             raise KdistillError(f"no trained teacher in {pipeline.run_dir}: run `kdistill train` with the same "
                                 "recipe first, or set teacher.checkpoint")
         pipeline.model("student")
-        print(f"student: {pipeline.run_dir / 'student'}")
+        say(f"student: {pipeline.run_dir / 'student'}")
     elif command == "soft-labels":
         if pipeline.teacher_signal == "live":
-            print("note: this recipe's student gets a live teacher (augmented inputs or tapped features); "
+            say("note: this recipe's student gets a live teacher (augmented inputs or tapped features); "
                   "the cache built here serves unaugmented runs", file=sys.stderr)
         logits, path, built, seconds = pipeline.soft_labels()
         size = path.stat().st_size
-        print(f"{'built' if built else 'already cached'}: {path} ({logits.shape[0]} x {logits.shape[1]} logits, "
+        say(f"{'built' if built else 'already cached'}: {path} ({logits.shape[0]} x {logits.shape[1]} logits, "
               f"{size / 1024:.0f} KiB, {seconds:.1f}s)")
     elif command == "eval":
-        print(pipeline.report(pipeline.evaluate()))
+        say(pipeline.report(pipeline.evaluate()))
     elif command == "report":
-        print(pipeline.report())
-        print(f"\nreport: {pipeline.run_dir / 'report.md'}")
+        say(pipeline.report())
+        say(f"\nreport: {pipeline.run_dir / 'report.md'}")
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _nproc(args) -> int | None:
+    """The number of processes to launch for --nproc N, or None to go on in this process."""
+    from kdistill.train import distributed
+
+    nproc = getattr(args, "nproc", None)
+    if nproc is None:
+        return None
+    if nproc < 1:
+        raise KdistillError(f"--nproc must be at least 1, got {nproc}")
+    if distributed.launched():
+        started = int(os.environ["WORLD_SIZE"])
+        if nproc != started:
+            raise KdistillError(f"--nproc {nproc}, but torchrun started {started} processes: drop --nproc under "
+                                "torchrun")
+        return None
+    return nproc if nproc > 1 else None
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            kept.append(item)
+    return kept
 
 
 def _one_line(text: str) -> str:
@@ -152,7 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = _show_warning
+        if not _is_main_process():
+            warnings.simplefilter("ignore")  # rank 0 says it once
         try:
+            nproc = _nproc(args)
+            if nproc is not None:
+                from kdistill.train.distributed import launch
+
+                return launch(_without_nproc(sys.argv[1:] if argv is None else list(argv)), nproc)
             if args.command == "list":
                 _list(args.kind)
             else:
@@ -176,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kdistill: unexpected {type(err).__name__}: {_one_line(err)} "
                   "(set KDISTILL_TRACEBACK=1 to see where)", file=sys.stderr)
             return 1
+        finally:
+            if "kdistill.train.distributed" in sys.modules:  # leave the process group cleanly under torchrun
+                sys.modules["kdistill.train.distributed"].stop()
     return 0
 
 

@@ -21,6 +21,7 @@ folder is only ever written to, or cleared, when it carries kdistill's marker.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -45,7 +46,8 @@ from kdistill.losses import build_objective, cross_entropy_objective
 from kdistill.models import count_parameters, create_model, output_classes
 from kdistill.report import ROLES, comparison_table, write_report
 from kdistill.storage import atomic_write_text, exclusive_lock, remove_stale_temporaries
-from kdistill.train import Progress, evaluate, fit, load_model, save_model
+from kdistill.train import Progress, distributed, evaluate, fit, load_model, save_model
+from kdistill.train.devices import check_precision, device_name
 from kdistill.train.loop import STATE_FILE
 
 MODEL_FILE = "model.safetensors"
@@ -76,11 +78,17 @@ class Pipeline:
         self.cfg = cfg
         self.resume = resume
         self.trains = set(trains)  # the roles the caller means to train: their interrupted states are checked now
-        self.progress = Progress(progress)
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self._stack = contextlib.ExitStack()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.device = distributed.start(cfg.device)  # under torchrun: joins the process group
+        self.main = distributed.is_main()  # only rank 0 writes files and prints
+        self.progress = Progress(progress if self.main else "quiet")
+        distributed.agree(OmegaConf.to_yaml(cfg, resolve=True), "config")
+        check_precision(cfg.train.precision, self.device, "train.precision")
+        if not cfg.teacher.checkpoint:
+            check_precision(cfg.teacher.train.precision, self.device, "teacher.train.precision")
         self.data = load_data(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.data.split_seed,
                               cfg.data.download)
         self._check_against_data()
@@ -99,9 +107,11 @@ class Pipeline:
             self._check_cache_place()
             return
         try:
-            self._claim_run_dir(discard)
-            if self.teacher_signal == "cached":  # after the claim: the cache may live inside the run folder
-                check_cache_dir(self.cache_dir)
+            if self.main:
+                self._claim_run_dir(discard)
+                if self.teacher_signal == "cached":  # after the claim: the cache may live inside the run folder
+                    check_cache_dir(self.cache_dir)
+            distributed.barrier()  # the others go on once the folder is claimed (and cleared)
         except BaseException:
             self.close()
             raise
@@ -301,13 +311,20 @@ class Pipeline:
         return self.done(role) or (role == "teacher" and bool(self.cfg.teacher.checkpoint))
 
     # -- data ------------------------------------------------------------------------------
-    def loader(self, split: str, train_cfg=None) -> BatchLoader:
-        """Training loader (shuffled, augmented) when train_cfg is given, else an evaluation one."""
+    def loader(self, split: str, train_cfg=None, *, shard: bool = False) -> BatchLoader:
+        """Training loader (shuffled, augmented) when train_cfg is given, else an evaluation one.
+
+        Batches are built on the run's device. A training loader, and an evaluation one with `shard`,
+        gives this process its share of every batch under torchrun.
+        """
         data, cfg = self.data, self.cfg
+        where = {"device": self.device, "on_device": cfg.data.on_device}
+        if train_cfg is not None or shard:
+            where.update(rank=distributed.rank(), world_size=distributed.world_size())
         if train_cfg is not None:
             return BatchLoader(getattr(data, split), train_cfg.batch_size, mean=data.mean, std=data.std,
-                               shuffle=True, augment=augmentation(train_cfg), seed=cfg.seed)
-        return BatchLoader(getattr(data, split), cfg.eval.batch_size, mean=data.mean, std=data.std)
+                               shuffle=True, augment=augmentation(train_cfg), seed=cfg.seed, **where)
+        return BatchLoader(getattr(data, split), cfg.eval.batch_size, mean=data.mean, std=data.std, **where)
 
     # -- models ----------------------------------------------------------------------------
     def build(self, role: str) -> nn.Module:
@@ -330,6 +347,7 @@ class Pipeline:
             return self._models[role]
         model = self.build(role)
         external = self.cfg.teacher.checkpoint if role == "teacher" else None
+        model.to(self.device)
         if external:
             load_model(Path(external), model, what=f"teacher '{self.cfg.teacher.name}'")
             self.progress.line(f"[teacher] loaded {external}")
@@ -356,12 +374,15 @@ class Pipeline:
             if role == "teacher" and train_cfg.label_smoothing > 0:
                 warnings.warn("teacher.train.label_smoothing > 0 erases the dark knowledge that distillation "
                               "transfers (Mueller et al. 2019); prefer 0 for teachers", stacklevel=2)
-            distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing))
+            distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing), device=self.device)
         # A resumed distillation must go on from the same teacher and objective (a checkpoint file or the
         # teacher's code may have changed in between).
         loader = self.loader("train", train_cfg)
-        result = fit(distiller, loader, train_cfg, val_loader=self.loader("val"), out_dir=out, resume=self.resume,
-                     seed=cfg.seed, progress=self.progress, label=role, inputs=distiller.fingerprint(loader))
+        result = fit(distiller, loader, train_cfg, val_loader=self.loader("val", shard=True), out_dir=out,
+                     resume=self.resume, seed=cfg.seed, progress=self.progress, label=role,
+                     inputs=distiller.fingerprint(loader))
+        if not self.main:
+            return
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
@@ -403,9 +424,11 @@ class Pipeline:
         loader = self.loader("train")  # in order, unaugmented: the same preprocessing as evaluation
         teacher_config = OmegaConf.to_yaml({"name": self.cfg.teacher.name, "kwargs": self.cfg.teacher.kwargs},
                                            resolve=True)
-        logits, path, built = cached_teacher_logits(
-            self.model("teacher"), loader, self.data.train.images, loader.preprocessing, self.cache_dir,
-            teacher_config=teacher_config, log=self.progress.line)
+        teacher = self.model("teacher")
+        with distributed.main_first():  # rank 0 builds the entry, the others then load it
+            logits, path, built = cached_teacher_logits(
+                teacher, loader, self.data.train.images, loader.preprocessing, self.cache_dir,
+                teacher_config=teacher_config, log=self.progress.line)
         return logits, path, built, time.perf_counter() - started
 
     def _distiller(self, student: nn.Module) -> Distiller:
@@ -416,7 +439,7 @@ class Pipeline:
             verb = "computed and stored" if built else "loaded"
             self.progress.line(f"[student] soft labels {verb} in {seconds:.1f}s: {path}")
         teacher = self.model("teacher") if signal == "live" else None
-        distiller = Distiller(teacher, student, self.objective, soft_labels=soft_labels)
+        distiller = Distiller(teacher, student, self.objective, soft_labels=soft_labels, device=self.device)
         distiller.warn_if_teacher_untrained(self.loader("train"))
         return distiller
 
@@ -449,10 +472,18 @@ class Pipeline:
                 "train_samples_per_second": summary.get("train_samples_per_second"),
                 "best_epoch": summary.get("best_epoch"),
             }
-        timings = latency_ms(models, self.data.input_shape, list(cfg.eval.latency_batches), cfg.eval.latency_repeats)
-        for role, latency in timings.items():
+        batches = list(cfg.eval.latency_batches)
+        # On the CPU (what a small deployment runs on) always; on the training GPU as well.
+        on_cpu = {role: copy.deepcopy(model).cpu() for role, model in models.items()} \
+            if self.device.type != "cpu" else models
+        for role, latency in latency_ms(on_cpu, self.data.input_shape, batches, cfg.eval.latency_repeats).items():
             metrics[role]["latency_ms"] = latency
         metrics["latency_device"] = "cpu"
+        if self.device.type != "cpu":
+            timings = latency_ms(models, self.data.input_shape, batches, cfg.eval.latency_repeats)
+            for role, latency in timings.items():
+                metrics[role]["gpu_latency_ms"] = latency
+            metrics["gpu_latency_device"] = device_name(self.device)
         if {"teacher", "baseline", "student"} <= metrics.keys():
             metrics["gap_recovered"], metrics["gap_recovered_note"] = gap_recovered(
                 correct["teacher"], correct["baseline"], correct["student"])
@@ -492,8 +523,11 @@ class Pipeline:
                                     "run `kdistill eval` to measure the models as they are")
 
     def run(self) -> dict:
+        """Train what is missing, evaluate, report; returns the metrics (empty on processes other than rank 0)."""
         for role in ROLES:
             self.model(role)
+        if not self.main:
+            return {}
         metrics = self.evaluate()
         self.report(metrics)
         return metrics
@@ -555,7 +589,9 @@ def augmentation(train_cfg) -> Augment | None:
 
 # Keys that change where or how fast things run, not what a run computes. data.root is here
 # because the data's digest is compared instead; threads because a resume checks it itself.
-NEUTRAL_KEYS = ("out_dir", "threads", "data.root", "data.download", "distill.cache_dir", "eval.")
+NEUTRAL_KEYS = ("out_dir", "threads", "device", "data.root", "data.download", "data.on_device", "distill.cache_dir",
+                "eval.", *(f"{train}.{key}" for train in ("train", "teacher.train")
+                           for key in ("log_every_steps", "checkpoint_every_steps", "compile")))
 
 
 def _changed_keys(old: DictConfig, new: DictConfig) -> list[str]:

@@ -23,10 +23,14 @@ def _number(value, digits: int = 2) -> str:
 
 def comparison_table(metrics: dict) -> str:
     """The side-by-side table (Markdown), shared by report.md and the CLI's output."""
-    batches = sorted({k for role in ROLES if role in metrics for k in metrics[role]["latency_ms"]},
-                     key=lambda k: int(k.split("_")[1]))
+    # CPU latency always; GPU latency too when the models trained on one.
+    timed = [(kind, key) for kind, key in (("cpu", "latency_ms"), ("gpu", "gpu_latency_ms"))
+             if any(key in metrics.get(role, {}) for role in ROLES)]
+    columns = [(kind, key, batch) for kind, key in timed
+               for batch in sorted({k for role in ROLES if role in metrics for k in metrics[role].get(key, {})},
+                                   key=lambda k: int(k.split("_")[1]))]
     header = ["model", "arch", "test acc", "val acc", "test NLL", "agreement", "params", "checkpoint",
-              *[f"latency b{k.split('_')[1]} (ms)" for k in batches], "train s", "samples/s"]
+              *[f"{kind.upper()} b{batch.split('_')[1]} (ms)" for kind, _, batch in columns], "train s", "samples/s"]
     rows = [header, ["---"] * len(header)]
     for role in ROLES:
         if role not in metrics:
@@ -37,7 +41,7 @@ def comparison_table(metrics: dict) -> str:
             ROLE_TITLES[role], m.get("model", ""), _percent(m["test_accuracy"]), _percent(m.get("val_accuracy")),
             _number(m["test_nll"], 4), _percent(m["agreement"]), f"{m['params']:,}",
             "–" if size is None else f"{size / 1024:,.0f} KiB",
-            *[_number(m["latency_ms"].get(k), 3) for k in batches],
+            *[_number(m.get(key, {}).get(batch), 3) for _, key, batch in columns],
             _number(m.get("train_seconds"), 1), _number(m.get("train_samples_per_second"), 0),
         ])
     return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
@@ -54,8 +58,10 @@ def write_report(run_dir: Path, metrics: dict, config_yaml: str) -> None:
         f"{'–' if gap is None else f'{gap:.3f}'}"
         f"{f' ({note})' if (note := metrics.get('gap_recovered_note')) else ''}.",
         "",
-        f"Latency: median forward time on the {metrics.get('latency_device', 'cpu').upper()}, the models timed in "
-        "interleaved rounds so that none is favoured by when it ran.",
+        f"Latency: median forward time on the {metrics.get('latency_device', 'cpu').upper()}"
+        + (f" and on the GPU {metrics['gpu_latency_device']} (warmed up, synchronised)"
+           if metrics.get("gpu_latency_device") else "")
+        + ", the models timed in interleaved rounds so that none is favoured by when it ran.",
         "",
     ]
     overhead = metrics.get("distill_overhead")

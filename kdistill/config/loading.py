@@ -19,6 +19,7 @@ from kdistill.config.schema import RunConfig, TrainConfig
 from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_LOSSES, build_objective, is_number
 from kdistill.losses.terms import MAX_TEMPERATURE, MIN_TEMPERATURE
+from kdistill.train.devices import DEVICE_PATTERN, PRECISIONS
 
 MAX_SEED = 2**31 - 1  # a signed 32-bit int: every random generator takes it
 MAX_COUNT = 100_000  # epochs, step_epochs, early_stop_patience: far beyond any real run, small enough to be safe
@@ -216,9 +217,11 @@ def check_training(train: DictConfig, prefix: str) -> None:
     _in_range(train.label_smoothing, key("label_smoothing"), 0, 1, open_high=True)
     _in_range(train.augment.crop_padding, key("augment.crop_padding"), 0, 64)
     _in_range(train.early_stop_patience, key("early_stop_patience"), 1, MAX_COUNT, null_ok=True)
+    _in_range(train.log_every_steps, key("log_every_steps"), 1, 10**9)
+    _in_range(train.checkpoint_every_steps, key("checkpoint_every_steps"), 1, 10**9, null_ok=True)
     for name, allowed in (("optimizer", ("sgd", "adam", "adamw")),
                           ("schedule", ("none", "cosine", "step")),
-                          ("precision", ("fp32", "bf16"))):
+                          ("precision", PRECISIONS)):
         value = train[name]
         _check(value in allowed, key(name), f"{value!r} is not one of {', '.join(allowed)}")
 
@@ -251,6 +254,10 @@ def validate(cfg: DictConfig) -> None:
         _check_path(OmegaConf.select(cfg, key), key)
     _in_range(cfg.seed, "seed", 0, MAX_SEED)
     _in_range(cfg.threads, "threads", 1, 1024, null_ok=True)
+    _check(isinstance(cfg.device, str) and DEVICE_PATTERN.fullmatch(cfg.device) is not None, "device",
+           f"{cfg.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    _check(cfg.data.on_device == "auto" or isinstance(cfg.data.on_device, bool), "data.on_device",
+           f"{cfg.data.on_device!r} must be auto, true or false")
     check_training(cfg.train, "train")
     check_training(cfg.teacher.train, "teacher.train")
     _in_range(cfg.data.val_size, "data.val_size", 1, 10**9)

@@ -22,6 +22,9 @@ class DataConfig:
     val_size: int = 5000  # validation images carved from the training set
     split_seed: int = 0  # seed of that carving; fixed so every run sees the same split
     download: bool = True
+    # Keep the uint8 images on the training device and build batches there (no copy per step):
+    # auto = when they take under a quarter of its free memory; false = pinned host batches.
+    on_device: Any = "auto"
 
 
 @dataclass
@@ -39,7 +42,10 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up, in epochs
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
     label_smoothing: float = 0.0  # for the cross-entropy of plain (teacher / baseline) training
-    precision: str = "fp32"  # fp32 | bf16 (CPU autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CPU and CUDA) | fp16 (CUDA, with a gradient scaler)
+    compile: bool = False  # torch.compile the student (and the teacher's inference); falls back to eager
+    log_every_steps: int = 50  # read the running loss back from the device this often (a host sync)
+    checkpoint_every_steps: Optional[int] = None  # also save a resumable state mid-epoch; None = per epoch only
     early_stop_patience: Optional[int] = None  # stop after this many epochs without a better val accuracy
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # of this model's training batches
 
@@ -86,6 +92,7 @@ class RunConfig:
     out_dir: str = "runs"
     seed: int = 0  # fixes model init, shuffling, augmentation and dropout
     threads: Optional[int] = None  # torch intra-op threads; None = PyTorch's default
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps; torchrun: cuda:LOCAL_RANK
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)

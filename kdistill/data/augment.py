@@ -1,11 +1,37 @@
-"""Batch-wise random crop and horizontal flip, vectorised over the samples."""
+"""Batch-wise random crop and horizontal flip, vectorised over the samples, on any device."""
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kdistill.errors import KdistillError
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The random choices of an augmentation for some samples: flips [n] (or None) and crop offsets [2, n] (or None).
+
+    Index it with a slice to get the choices of a batch's rows.
+    """
+
+    flip: torch.Tensor | None
+    offsets: torch.Tensor | None
+
+    def __getitem__(self, rows: slice) -> "Draws":
+        return Draws(None if self.flip is None else self.flip[rows],
+                     None if self.offsets is None else self.offsets[:, rows])
+
+    def to(self, device: torch.device) -> "Draws":
+        return Draws(None if self.flip is None else self.flip.to(device),
+                     None if self.offsets is None else self.offsets.to(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _grid(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column numbers [1, h] and [1, w] on `device`, built once rather than at every batch."""
+    return torch.arange(h, device=device)[None], torch.arange(w, device=device)[None]
 
 
 @dataclass(frozen=True)
@@ -29,27 +55,38 @@ class Augment:
     def enabled(self) -> bool:
         return self.crop_padding > 0 or self.hflip
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment a batch [B, C, H, W]; each sample gets its own flip and offsets drawn from `generator`.
+    def draw(self, n: int, generator: torch.Generator) -> Draws:
+        """The random choices for `n` samples from a CPU `generator`: flips first, then (dy, dx) offsets.
 
-        Pass pixels before normalisation so the padding is black. Flips are drawn first,
-        then (dy, dx) crop offsets.
+        Apart from `apply` so that a loader can draw a whole epoch's choices on the CPU at once and
+        apply them on the device: the same augmented images on every device and in every process.
         """
+        flip = torch.rand(n, generator=generator) < 0.5 if self.hflip else None
+        p = self.crop_padding
+        offsets = torch.randint(0, 2 * p + 1, (2, n), generator=generator) if p else None
+        return Draws(flip, offsets)
+
+    def apply(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """Augment a batch [B, C, H, W] with its draws (on x's device). Pass pixels before normalisation,
+        so the padding is black."""
         if not self.enabled:
             return x
         b, c, h, w = x.shape
         p = self.crop_padding
-        flip = torch.rand(b, generator=generator) < 0.5 if self.hflip else None
+        rows, cols = _grid(h, w, x.device)
         if p:
-            dy, dx = torch.randint(0, 2 * p + 1, (2, b), generator=generator)
             x = F.pad(x, (p, p, p, p))
-        else:
-            dy = dx = torch.zeros(b, dtype=torch.long)
+            dy, dx = draws.offsets
+            rows, cols = dy[:, None] + rows, dx[:, None] + cols
         wp = w + 2 * p
+        if draws.flip is not None:
+            cols = torch.where(draws.flip[:, None], wp - 1 - cols, cols)
         # Crop and flip are one gather: each output pixel names its source pixel in the padded image.
-        rows = dy[:, None] + torch.arange(h)
-        cols = dx[:, None] + torch.arange(w)
-        if flip is not None:
-            cols = torch.where(flip[:, None], wp - 1 - cols, cols)
-        source = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        source = (rows[:, :, None] * wp + cols[:, None, :]).expand(b, h, w).reshape(b, 1, h * w).expand(b, c, h * w)
         return x.reshape(b, c, -1).gather(2, source).view(b, c, h, w)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment a batch with choices drawn from `generator` now: apply(x, draw(len(x), generator))."""
+        if not self.enabled:
+            return x
+        return self.apply(x, self.draw(x.shape[0], generator).to(x.device))

@@ -24,6 +24,7 @@ from kdistill.distill.taps import FeatureTaps
 from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_LOSSES, DistillInputs, Objective, build_objective
 from kdistill.models.registry import describe_error
+from kdistill.train.devices import device_of, resolve_device
 from kdistill.train.loop import unpack
 
 # TrainConfig fields that configure kdistill's own loader or plain training, not a Distiller's:
@@ -41,7 +42,8 @@ class Distiller(nn.Module):
     `losses` is an Objective or a `{label: {type, weight, **params}}` mapping (the
     `distill.losses` config); None means seed 000's 0.5 * CE + 0.5 * KD at `temperature`
     (default 4). The teacher is frozen (eval mode, no gradients) while `fit` trains, then given
-    back as it was.
+    back as it was. `device` ("auto", "cpu", "cuda", "cuda:1", "mps" or a torch.device) moves the
+    student, the loss terms, the teacher and the soft labels there; so does `.to(device)`.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class Distiller(nn.Module):
         *,
         temperature: float | None = None,
         soft_labels: Tensor | None = None,
+        device: torch.device | str | None = None,
     ):
         super().__init__()
         if losses is None:
@@ -77,6 +80,21 @@ class Distiller(nn.Module):
         # Kept outside the module tree so the teacher's weights are not part of our state.
         self._teacher = [teacher]
         self.student_taps = FeatureTaps(student, self.objective.student_taps) if self.objective.student_taps else None
+        if device is not None:
+            self.to(resolve_device(device))
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` and friends move the teacher and the soft-label table along with the student."""
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn, recurse)
+        if isinstance(self.signal, CachedTeacher):
+            self.signal.to(device_of(self.student))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.student)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -120,7 +138,7 @@ class Distiller(nn.Module):
             return None
         correct = total = classes = 0
         for batch in itertools.islice(loader, max_batches):
-            inputs, labels, index = unpack(batch)
+            inputs, labels, index = (None if t is None else t.to(self.device) for t in unpack(batch))
             logits = self.signal(inputs, index).logits
             correct += int((logits.argmax(1) == labels).sum())
             total += labels.numel()
@@ -143,7 +161,7 @@ class Distiller(nn.Module):
         if isinstance(self.signal, CachedTeacher):
             parts["teacher"] = tensor_digest(self.signal.logits)
         elif self.signal is not None:
-            inputs = unpack(next(iter(loader)))[0][:8]
+            inputs = unpack(next(iter(loader)))[0][:8].to(device_of(self.teacher))
             with self._teacher_lent():
                 outputs = self.signal(inputs).logits
             parts["teacher"] = weights_digest(self.teacher) + tensor_digest(outputs.float().cpu())
@@ -163,11 +181,15 @@ class Distiller(nn.Module):
                           "the student noise", stacklevel=2)
 
     def fit(self, train_loader, epochs: int, *, val_loader=None, seed: int = 0, out_dir=None, resume: bool = False,
-            label: str = "distill", progress: str = "auto", **train_options):
-        """Train with the one loop; `train_options` are TrainConfig fields (lr, optimizer, schedule, ...).
+            label: str = "distill", progress: str = "auto", device: torch.device | str | None = None,
+            **train_options):
+        """Train with the one loop; `train_options` are TrainConfig fields (lr, optimizer, schedule, precision, ...).
 
         `out_dir` keeps metrics.jsonl and a resumable state; `resume=True` continues from it.
-        The teacher is frozen while training and given back as it was (modes, requires_grad).
+        `device` moves everything there first (batches follow: a loader's batches are copied there if
+        it builds them elsewhere). Under torchrun the student trains with DistributedDataParallel;
+        give each process its shard of the data (e.g. a DistributedSampler, or BatchLoader's rank and
+        world_size). The teacher is frozen while training and given back as it was (modes, requires_grad).
         """
         from kdistill.config.loading import train_config
         from kdistill.train import Progress, fit
@@ -180,6 +202,8 @@ class Distiller(nn.Module):
         if resume and out_dir is None:
             raise KdistillError("resume=True needs the out_dir of the interrupted training")
         cfg = train_config(epochs=epochs, **train_options)
+        if device is not None:
+            self.to(resolve_device(device))
         with self._teacher_lent():
             if not (resume and out_dir is not None):
                 self.warn_if_teacher_untrained(train_loader)

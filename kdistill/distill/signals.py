@@ -25,7 +25,8 @@ from kdistill.distill.taps import FeatureTaps
 from kdistill.errors import KdistillError
 from kdistill.storage import exclusive_lock, remove_stale_temporaries
 from kdistill.train.checkpoint import load_tensors, save_tensors
-from kdistill.train.loop import autocast, unpack
+from kdistill.train.devices import autocast, device_of
+from kdistill.train.loop import unpack
 
 
 def default_cache_dir() -> Path:
@@ -72,6 +73,11 @@ class CachedTeacher:
 
     def __init__(self, logits: Tensor):
         self.logits = logits.float()
+
+    def to(self, device: torch.device) -> "CachedTeacher":
+        """Keep the table where the batches' indices are: one gather per step, no copy."""
+        self.logits = self.logits.to(device)
+        return self
 
     def __call__(self, inputs: Tensor, index: Tensor | None = None) -> TeacherOutput:
         if index is None:
@@ -123,15 +129,17 @@ def soft_label_key(teacher: nn.Module, images: Tensor, preprocessing: str, preci
 
 @torch.inference_mode()
 def teacher_logits(teacher: nn.Module, loader, num_samples: int, precision: str = "fp32") -> Tensor:
-    """Run the frozen teacher over an unshuffled, unaugmented loader; rows in sample order."""
+    """Run the frozen teacher over an unshuffled, unaugmented loader; rows in sample order, on the teacher's device."""
     freeze(teacher)
-    table, filled = None, torch.zeros(num_samples, dtype=torch.bool)
+    device = device_of(teacher)
+    table, filled = None, torch.zeros(num_samples, dtype=torch.bool, device=device)
     for batch in loader:
         inputs, _, index = unpack(batch)
-        with autocast(precision):
+        inputs, index = inputs.to(device, non_blocking=True), index.to(device, non_blocking=True)
+        with autocast(precision, device):
             logits = teacher(inputs).float()
         if table is None:
-            table = torch.empty(num_samples, logits.shape[1])
+            table = torch.empty(num_samples, logits.shape[1], device=device)
         table[index] = logits
         filled[index] = True
     if table is None or not filled.all():
@@ -206,12 +214,21 @@ def _probe_inputs(loader, size: int = PROBE_SIZE) -> Tensor:
 
 @torch.inference_mode()
 def _probe_outputs(teacher: nn.Module, inputs: Tensor) -> Tensor:
-    """The teacher's fp32 outputs (eval mode) on the probe inputs, run on its own device and dtype."""
+    """The teacher's fp32 outputs (eval mode) on the probe inputs, run on its own device and dtype.
+
+    TF32 is off meanwhile, so an entry built on a CPU checks out on a GPU (cuDNN convolutions use
+    TF32 by default, which moves outputs by about 1e-3).
+    """
     freeze(teacher)
     param = next(teacher.parameters(), None)
     if param is not None and param.is_floating_point():
         inputs = inputs.to(device=param.device, dtype=param.dtype)
-    return teacher(inputs).float().cpu()
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        return teacher(inputs).float().cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _read_entry(path: Path, teacher: nn.Module, num_samples: int) -> tuple[Tensor | None, str]:

@@ -7,9 +7,9 @@ epoch appends a line to metrics.jsonl and writes a resumable training state atom
 
 from __future__ import annotations
 
-import contextlib
+import inspect
+import itertools
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +22,21 @@ from torch import Tensor, nn
 
 from kdistill.errors import KdistillError
 from kdistill.storage import atomic_write_text
+from kdistill.train import distributed
 from kdistill.train.checkpoint import (
     load_optimizer,
     load_tensors,
     save_optimizer,
     save_tensors,
 )
+from kdistill.train.devices import autocast, check_precision, device_of
 from kdistill.train.optim import build_optimizer, learning_rate
 from kdistill.train.progress import Progress
 
 STATE_FILE = "train_state.safetensors"  # resumable state (and best weights so far), rewritten every epoch
 METRICS_FILE = "metrics.jsonl"
+# Train settings that change neither the result nor the path to it: a resume may change them.
+NEUTRAL_TRAIN_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps")
 
 
 @dataclass
@@ -50,18 +54,24 @@ class FitResult:
 
 
 @dataclass
+class Position:
+    """Where a training stands: go on with epoch `epoch` (0-based) at its step `step`; mid-epoch
+    (step > 0) also the epoch's running sums, random state and seconds so far."""
+
+    epoch: int = 0
+    step: int = 0
+    since_best: int = 0
+    meter: dict[str, Tensor] | None = None
+    rng: dict[str, Tensor] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
 class Evaluation:
     accuracy: float
     nll: float
-    logits: Tensor  # [N, C], fp32, in loader order
-    labels: Tensor  # [N]
-
-
-def autocast(precision: str):
-    """bf16 autocast on the CPU (AVX-512 BF16 pays off here), or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    logits: Tensor  # [N, C], fp32, on the CPU, in loader order
+    labels: Tensor  # [N], on the CPU
 
 
 def unpack(batch) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -70,20 +80,28 @@ def unpack(batch) -> tuple[Tensor, Tensor, Tensor | None]:
     return inputs, labels, (rest[0] if rest else None)
 
 
+def _on(device: torch.device, inputs: Tensor, labels: Tensor, index: Tensor | None):
+    """The batch on `device`: a no-op for kdistill's loaders (they build batches there), a copy for others."""
+    return (inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+            None if index is None else index.to(device, non_blocking=True))
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> Evaluation:
+    """Every sample's logits, on the model's device; for the final, one-process evaluation."""
+    device = device_of(model)
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
         for batch in loader:
-            inputs, target, _ = unpack(batch)
-            with autocast(precision):
+            inputs, target, _ = _on(device, *unpack(batch))
+            with autocast(precision, device):
                 logits.append(model(inputs).float())
             labels.append(target)
     finally:
         model.train(was_training)
-    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    all_logits, all_labels = torch.cat(logits).cpu(), torch.cat(labels).cpu()
     return Evaluation(
         accuracy=(all_logits.argmax(1) == all_labels).float().mean().item(),
         nll=F.cross_entropy(all_logits, all_labels).item(),
@@ -92,111 +110,254 @@ def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> Eva
     )
 
 
+@torch.inference_mode()
+def validate(model: nn.Module, loader: Iterable) -> tuple[float, float]:
+    """(accuracy, mean NLL) over the loader, summed across processes when each holds a shard of it.
+
+    In fp32 whatever the training precision, so model selection sees the numbers the final
+    evaluation will; one host sync, at the end.
+    """
+    device = device_of(model)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=_sum_dtype(device), device=device)  # correct, NLL, samples
+    try:
+        for batch in loader:
+            inputs, labels, _ = _on(device, *unpack(batch))
+            logits = model(inputs).float()
+            sums += torch.stack([(logits.argmax(1) == labels).sum().to(sums.dtype),
+                                 F.cross_entropy(logits, labels, reduction="sum").to(sums.dtype),
+                                 torch.tensor(labels.shape[0], dtype=sums.dtype, device=device)])
+    finally:
+        model.train(was_training)
+    correct, nll, samples = distributed.sum_(sums).tolist()
+    return correct / samples, nll / samples
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+class RunningSums:
+    """An epoch's sums of the loss, each term's value and the correct predictions, kept on the device.
+
+    Adding a step queues a few small kernels and never waits for the device; `read` (a host sync,
+    reduced over processes) happens every `train.log_every_steps` steps and at the end of an epoch.
+    Each value's first non-finite step is tracked too, so `read` can name the term and step that went bad.
+    """
+
+    NEVER = torch.iinfo(torch.int64).max
+
+    def __init__(self, names: list[str], device: torch.device):
+        self.names = names
+        self.sums = torch.zeros(3 + len(names), dtype=_sum_dtype(device), device=device)  # loss, correct, n, terms
+        self.first_bad = torch.full((1 + len(names),), self.NEVER, dtype=torch.int64, device=device)
+
+    def add(self, step: int, loss: Tensor, logits: Tensor, labels: Tensor, terms: dict[str, Tensor]) -> None:
+        values = torch.stack([loss.detach().float(), *(terms[name].detach().float() for name in self.names)])
+        n = labels.shape[0]
+        correct = (logits.detach().argmax(1) == labels).sum()
+        count = torch.tensor(n, device=values.device)
+        self.sums += torch.cat([values[:1] * n, torch.stack([correct, count]).to(values.dtype), values[1:] * n])
+        never = torch.full_like(self.first_bad, self.NEVER)
+        self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(values), never, step))
+
+    def read(self, where) -> dict[str, float]:
+        """The epoch's means so far, over every process; raises FloatingPointError at a non-finite value.
+
+        `where(step)` names a global step for the message.
+        """
+        first_bad = distributed.min_(self.first_bad.clone())
+        sums = distributed.sum_(self.sums.clone())
+        bad = first_bad.tolist()
+        step = min(bad)
+        if step != self.NEVER:
+            culprits = [name for name, at in zip(self.names, bad[1:], strict=True) if at == step] or ["the total loss"]
+            raise FloatingPointError(f"{where(step)}: the loss became NaN or inf (in {', '.join(culprits)}); the "
+                                     "last checkpoint stays: lower the learning rate or set train.grad_clip")
+        loss, correct, samples, *terms = sums.tolist()
+        return {"samples": int(samples), "train_loss": loss / samples, "train_accuracy": correct / samples,
+                **{f"train_{name}": value / samples for name, value in zip(self.names, terms, strict=True)}}
+
+    def state(self) -> dict[str, Tensor]:
+        return {"sums": self.sums, "first_bad": self.first_bad}
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        self.sums.copy_(state["sums"])
+        self.first_bad.copy_(state["first_bad"])
+
+
+class _TrainingStep(nn.Module):
+    """The distiller's training step as a module's forward, for DistributedDataParallel to wrap: DDP
+    syncs the gradients of the student and of the loss terms' parameters; the teacher is not a
+    submodule, so it stays out."""
+
+    def __init__(self, distiller):
+        super().__init__()
+        self.distiller = distiller
+
+    def forward(self, inputs: Tensor, labels: Tensor, index: Tensor | None):
+        return self.distiller.training_step(inputs, labels, index)
+
+
+def _step_function(distiller, device: torch.device):
+    if distributed.world_size() == 1:
+        return distiller.training_step
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(_TrainingStep(distiller), device_ids=[device.index] if device.type == "cuda"
+                                   else None)
+
+
+def _epoch_batches(loader, epoch: int, start_step: int):
+    """The loader's batches of `epoch` from `start_step` on: kdistill's loaders seek there, others skip batches."""
+    set_epoch = getattr(loader, "set_epoch", None)
+    if set_epoch is not None and "start_step" in inspect.signature(set_epoch).parameters:
+        set_epoch(epoch, start_step=start_step)
+        return loader
+    if set_epoch is not None:
+        set_epoch(epoch)
+    sampler = getattr(loader, "sampler", None)  # a DataLoader with a DistributedSampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    return itertools.islice(loader, start_step, None)
+
+
+def _share(loader, step_in_epoch: int, batch: int) -> float:
+    """This process's batch over the average per-process batch: 1 but for a global batch that splits unevenly."""
+    world = distributed.world_size()
+    if world == 1 or not hasattr(loader, "global_batch_size"):
+        return 1.0
+    return batch * world / loader.global_batch_size(step_in_epoch)
+
+
 def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None = None,
         resume: bool = False, seed: int = 0, progress: Progress | None = None, inputs: dict | None = None,
         label: str = "train") -> FitResult:
-    """Train `distiller.student` for `cfg.epochs` epochs; returns the history and timing.
+    """Train `distiller.student` for `cfg.epochs` epochs on the device its weights are on; returns the history.
 
-    With `out_dir`, writes metrics.jsonl and a resumable train state there after every epoch;
-    `resume=True` continues from that state, if it was started with the same training config,
-    seed, `inputs` (what else the result depends on, e.g. the teacher's digest) and numerics.
-    Validation runs in fp32 whatever the training precision, so model selection sees the
-    numbers the final evaluation will. The best
-    validation epoch's weights end up in the student (the last epoch's without a validation loader).
+    With `out_dir`, writes metrics.jsonl and a resumable train state there after every epoch (and
+    every `cfg.checkpoint_every_steps` steps); `resume=True` continues from that state at the exact
+    next batch, if it was started with the same training config, seed, `inputs` (what else the
+    result depends on, e.g. the teacher's digest) and numerics. Under torchrun the student is
+    wrapped in DistributedDataParallel, every process trains on its shard of each global batch,
+    metrics are reduced over processes and only rank 0 writes or prints. The best validation
+    epoch's weights end up in the student (the last epoch's without a validation loader).
     """
-    progress = progress or Progress()
+    main = distributed.is_main()
+    progress = (progress or Progress()) if main else Progress("quiet")
     model = distiller.student
+    device = device_of(model)
+    check_precision(cfg.precision, device)
+    step_function = _step_function(distiller, device)
     optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a no-op unless fp16
     steps_per_epoch = len(train_loader)
     result = FitResult()
     best_state: dict[str, Tensor] | None = None
-    start_epoch, since_best = 0, 0
+    position = Position()
     # What the run's result depends on besides its state; epochs may grow on a resume.
-    started_from = {"seed": seed, "train": {k: v for k, v in _plain(cfg).items() if k != "epochs"}, **(inputs or {})}
+    # Rank 0's view of the inputs: each process saw the teacher on its own shard's first batch.
+    started_from = {"seed": seed, "train": {k: v for k, v in _plain(cfg).items() if k not in NEUTRAL_TRAIN_KEYS},
+                    **distributed.from_main(inputs or {})}
     if out_dir is not None:
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
         if resume and (out_dir / STATE_FILE).exists():
-            start_epoch, since_best, best_state = _restore(distiller, optimizer, out_dir, result, started_from)
-            progress.line(f"[{label}] resuming after epoch {start_epoch}")
-        else:
+            position, best_state = _restore(distiller, optimizer, scaler, out_dir, result, started_from,
+                                            steps_per_epoch, device)
+            where = f"epoch {position.epoch}" if not position.step else \
+                f"step {position.step} of epoch {position.epoch + 1}"
+            progress.line(f"[{label}] resuming after {where}")
+        elif main:
             (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    distributed.barrier()  # no process reads the folder while rank 0 still clears it
 
-    for epoch in range(start_epoch, cfg.epochs):
+    def where(step: int) -> str:
+        return f"[{label}] epoch {step // steps_per_epoch + 1}, step {step % steps_per_epoch + 1}"
+
+    for epoch in range(position.epoch, cfg.epochs):
         if result.stopped_early:  # resumed after the last epoch of an early-stopped run
             break
-        torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: reproducible after a resume
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+        first_step = position.step if epoch == position.epoch else 0
+        meter = RunningSums(list(getattr(getattr(distiller, "objective", None), "terms", {})), device)
+        seconds_before = 0.0
+        if first_step:
+            meter.load(position.meter)
+            _set_rng_state(position.rng, device)
+            seconds_before = position.seconds
+        else:
+            torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: reproducible after a resume
         distiller.train()
-        totals = {"loss": 0.0, "correct": 0, "samples": 0}
-        term_sums: dict[str, float] = {}
         started = time.perf_counter()
-        batches = progress.batches(train_loader, steps_per_epoch, f"{label} {epoch + 1}/{cfg.epochs}")
-        for step_in_epoch, batch in enumerate(batches):
-            lr = learning_rate(cfg, epoch * steps_per_epoch + step_in_epoch, steps_per_epoch)
+        batches = progress.batches(_epoch_batches(train_loader, epoch, first_step), steps_per_epoch - first_step,
+                                   f"{label} {epoch + 1}/{cfg.epochs}")
+        for step_in_epoch, batch in enumerate(batches, start=first_step):
+            step = epoch * steps_per_epoch + step_in_epoch
+            lr = learning_rate(cfg, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, labels, index = unpack(batch)
-            with autocast(cfg.precision):
-                loss, logits, terms = distiller.training_step(inputs, labels, index)
+            inputs, labels, index = _on(device, *unpack(batch))
+            with autocast(cfg.precision, device):
+                loss, logits, terms = step_function(inputs, labels, index)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # Each process holds `share` of an average-sized piece of the global batch: scaled so, DDP's
+            # mean of the processes' gradients is the gradient of the global batch's mean loss.
+            share = _share(train_loader, step_in_epoch, labels.shape[0])
+            scaler.scale(loss * share if share != 1.0 else loss).backward()
             if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
+            meter.add(step, loss, logits, labels, terms)
+            done = step_in_epoch + 1
+            if done % cfg.log_every_steps == 0 and done < steps_per_epoch:
+                running = meter.read(where)
+                progress.update(loss=running["train_loss"], acc=running["train_accuracy"])
+            if (out_dir is not None and cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
+                    and done < steps_per_epoch):
+                meter.read(where)  # nothing non-finite goes into a checkpoint
+                elapsed = seconds_before + time.perf_counter() - started
+                if main:
+                    _save_state(distiller, optimizer, out_dir, result, Position(
+                        epoch, done, since_best=position.since_best, meter=meter.state(), rng=_rng_state(device),
+                        seconds=elapsed), best_state, started_from, scaler)
+        running = meter.read(where)  # a host sync: the epoch's work is done when the clock stops
+        seconds = seconds_before + time.perf_counter() - started
 
-            n = labels.shape[0]
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"[{label}] loss became {loss_value} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
-                    "lower the learning rate or set train.grad_clip"
-                )
-            totals["loss"] += loss_value * n
-            totals["correct"] += (logits.detach().argmax(1) == labels).sum().item()
-            totals["samples"] += n
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0.0) + value.item() * n
-            progress.update(loss=totals["loss"] / totals["samples"], acc=totals["correct"] / totals["samples"])
-        seconds = time.perf_counter() - started
-
-        samples = totals["samples"]
-        record = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": totals["loss"] / samples,
-            "train_accuracy": totals["correct"] / samples,
-            **{f"train_{name}": value / samples for name, value in term_sums.items()},
-            "epoch_seconds": seconds,
-            "samples_per_second": samples / seconds,
-        }
+        samples = running.pop("samples")
+        record = {"epoch": epoch + 1, "lr": lr, **running, "epoch_seconds": seconds,
+                  "samples_per_second": samples / seconds}
         result.train_seconds += seconds
         result.train_samples += samples
         improved = True
         if val_loader is not None:
-            val = evaluate(model, val_loader)
-            record.update(val_accuracy=val.accuracy, val_loss=val.nll)
-            improved = result.best_val_accuracy is None or val.accuracy > result.best_val_accuracy
+            accuracy, nll = validate(model, val_loader)
+            record.update(val_accuracy=accuracy, val_loss=nll)
+            improved = result.best_val_accuracy is None or accuracy > result.best_val_accuracy
         if improved:
             result.best_epoch, result.best_val_accuracy = epoch + 1, record.get("val_accuracy")
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            since_best = 0
+            position.since_best = 0
         else:
-            since_best += 1
+            position.since_best += 1
         result.history.append(record)
-        result.stopped_early = cfg.early_stop_patience is not None and since_best >= cfg.early_stop_patience
+        result.stopped_early = cfg.early_stop_patience is not None and position.since_best >= cfg.early_stop_patience
         progress.line(_epoch_line(label, record, cfg.epochs))
-        if out_dir is not None:
+        if out_dir is not None and main:
             with open(out_dir / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            _save_state(distiller, optimizer, out_dir, result, epoch + 1, since_best, best_state, started_from)
+            _save_state(distiller, optimizer, out_dir, result, Position(epoch + 1, 0, since_best=position.since_best),
+                        best_state, started_from, scaler)
         if result.stopped_early:
-            progress.line(f"[{label}] early stop: no better val accuracy for {since_best} epochs")
+            progress.line(f"[{label}] early stop: no better val accuracy for {position.since_best} epochs")
             break
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    distributed.barrier()  # rank 0's files are complete before any process moves on
     return result
 
 
@@ -212,24 +373,42 @@ def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(vars(cfg))
 
 
-def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, epoch: int, since_best: int,
-                best_state: dict[str, Tensor], started_from: dict) -> None:
-    """One atomic file: weights, loss-term parameters, optimizer, best weights, history."""
+def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, position: Position,
+                best_state: dict[str, Tensor] | None, started_from: dict, scaler) -> None:
+    """One atomic file: weights, loss-term parameters, optimizer, best weights, history, position."""
     tensors = {f"model.{k}": v for k, v in distiller.student.state_dict().items()}
-    tensors.update({f"best.{k}": v for k, v in best_state.items()})
+    tensors.update({f"best.{k}": v for k, v in (best_state or {}).items()})
     tensors.update({f"objective.{k}": v for k, v in distiller.objective.state_dict().items()})
+    tensors.update({f"meter.{k}": v for k, v in (position.meter or {}).items()})
+    tensors.update({f"rng.{k}": v for k, v in (position.rng or {}).items()})
     optim_tensors, optim_meta = save_optimizer(optimizer)
     tensors.update(optim_tensors)
     meta = {
-        "numerics": json.dumps(_numerics()),
+        "numerics": json.dumps(_numerics(device_of(distiller.student))),
         "started_from": json.dumps(started_from, sort_keys=True),
-        "epoch": str(epoch),
-        "since_best": str(since_best),
+        "epoch": str(position.epoch),
+        "step": str(position.step),
+        "seconds": repr(position.seconds),
+        "since_best": str(position.since_best),
         "optimizer": optim_meta,
+        "scaler": json.dumps(scaler.state_dict() if scaler.is_enabled() else {}),
         "result": json.dumps({k: getattr(result, k) for k in ("history", "best_epoch", "best_val_accuracy",
                                                               "train_seconds", "train_samples", "stopped_early")}),
     }
     save_tensors(out_dir / STATE_FILE, tensors, meta)
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _first_line(err: Exception) -> str:
@@ -247,33 +426,43 @@ def _valid_result(restored) -> bool:
             and isinstance(restored.get("stopped_early"), bool))
 
 
-def _numerics() -> dict:
+def _numerics(device: torch.device) -> dict:
     """What changes floating-point results besides the config: a resume under other values would
     end with other weights than an uninterrupted run, so it is refused."""
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": device.type,
+            "processes": distributed.world_size()}
 
 
-def _restore(distiller, optimizer, out_dir: Path, result: FitResult,
-             started_from: dict) -> tuple[int, int, dict[str, Tensor]]:
+NUMERICS_FIXES = {"threads": "set threads={}", "torch": "use torch {}", "device": "set device={}",
+                  "processes": "run it in {} process(es) (--nproc)"}
+
+
+def _restore(distiller, optimizer, scaler, out_dir: Path, result: FitResult, started_from: dict,
+             steps_per_epoch: int, device: torch.device) -> tuple[Position, dict[str, Tensor]]:
     path = out_dir / STATE_FILE
     tensors, meta = load_tensors(path)
     try:
         saved_numerics, saved_from = json.loads(meta["numerics"]), json.loads(meta["started_from"])
         restored = json.loads(meta["result"])
-        epoch, since_best = int(meta["epoch"]), int(meta["since_best"])
+        position = Position(int(meta["epoch"]), int(meta.get("step", "0")), since_best=int(meta["since_best"]),
+                            seconds=float(meta.get("seconds", "0")))
+        scaler_state = json.loads(meta.get("scaler", "{}"))
         if not (isinstance(saved_numerics, dict) and isinstance(saved_numerics.get("threads"), int)
                 and isinstance(saved_numerics.get("torch"), str) and isinstance(saved_from, dict)
-                and _valid_result(restored)):
+                and _valid_result(restored) and isinstance(scaler_state, dict)
+                and 0 <= position.step < steps_per_epoch and position.epoch >= 0):
             raise ValueError("metadata of the wrong shape")
     except (KeyError, ValueError, TypeError) as err:
         raise KdistillError(f"{path} is not a kdistill training state ({_first_line(err)}); delete it, or start the "
                             "training over (--force)") from None
-    now = _numerics()
-    changed = [f"{key} {saved_numerics.get(key)} -> {now[key]}" for key in now if saved_numerics.get(key) != now[key]]
+    now = _numerics(device)
+    saved_numerics.setdefault("device", "cpu")  # states written before devices were a setting
+    saved_numerics.setdefault("processes", 1)
+    changed = [key for key in now if saved_numerics.get(key) != now[key]]
     if changed:  # checked first: other numerics also change the teacher's outputs in the fingerprint below
-        hint = f"set threads={saved_numerics.get('threads')}" if saved_numerics.get("threads") != now["threads"] \
-            else f"use torch {saved_numerics.get('torch')}"
-        raise KdistillError(f"{out_dir} was trained so far under other numerics ({', '.join(changed)}), so resuming "
+        listed = ", ".join(f"{key} {saved_numerics.get(key)} -> {now[key]}" for key in changed)
+        hint = NUMERICS_FIXES[changed[0]].format(saved_numerics.get(changed[0]))
+        raise KdistillError(f"{out_dir} was trained so far under other numerics ({listed}), so resuming "
                             f"would not give the weights of an uninterrupted run: {hint} to resume, "
                             "or --force to start this training over")
     if saved_from != json.loads(json.dumps(started_from, sort_keys=True)):
@@ -286,12 +475,19 @@ def _restore(distiller, optimizer, out_dir: Path, result: FitResult,
                             " resume with the same ones, or start it over (--force)")
 
     def part(prefix: str) -> dict[str, Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
 
     try:
         distiller.student.load_state_dict(part("model."))
         distiller.objective.load_state_dict(part("objective."))
         load_optimizer(optimizer, tensors, meta["optimizer"])
+        if scaler.is_enabled() and scaler_state:
+            scaler.load_state_dict(scaler_state)
+        if position.step:
+            position.meter, position.rng = part("meter."), {k: v.cpu() for k, v in part("rng.").items()}
+            names = getattr(getattr(distiller, "objective", None), "terms", {})
+            if position.meter["sums"].shape != (3 + len(names),) or "cpu" not in position.rng:
+                raise ValueError("the running sums of another objective")
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:  # another model, or not our file
         raise KdistillError(f"{path} does not fit this training ({_first_line(err)[:200]}); did the model "
                             "change? Start the training over (--force)") from None
@@ -299,8 +495,8 @@ def _restore(distiller, optimizer, out_dir: Path, result: FitResult,
         setattr(result, key, value)
     # metrics.jsonl may hold lines of an epoch that finished after the state was saved.
     metrics = out_dir / METRICS_FILE
-    if metrics.exists():
+    if metrics.exists() and distributed.is_main():
         lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-        atomic_write_text(metrics, "".join(line + "\n" for line in lines[:epoch]))
-    return epoch, since_best, part("best.")
-
+        atomic_write_text(metrics, "".join(line + "\n" for line in lines[:position.epoch]))
+    best = part("best.")
+    return position, (best or None)

@@ -1,0 +1,7 @@
+"""`python -m kdistill ...`, the form torchrun and `--nproc` start: the same as the `kdistill` command."""
+
+import sys
+
+from kdistill.cli import main
+
+sys.exit(main())
