@@ -6,9 +6,12 @@ Same data (Fashion-MNIST train split), batch size, optimizer and number of sampl
   plain/kdistill-model  the same plain loop over kdistill's seed_student (channels-last inside)
   kdistill              kdistill.train.fit with BatchLoader (batches sliced from memory)
   kdistill/bf16         the same with train.precision=bf16
+  .../compile           the same with train.compile=true (steady state: the warm-up round compiles)
 Prints samples/s (median over interleaved rounds of one epoch each) and ratios.
 
-    make bench-throughput      # or: python benchmarks/throughput.py --rounds 5
+    make bench-throughput      # or: python -m benchmarks.throughput --rounds 5
+    python -m benchmarks.throughput --device cuda   # on a GPU: the plain loop copies pinned batches,
+                                                    # kdistill keeps the data on the device
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from kdistill.distill import Distiller
 from kdistill.losses import cross_entropy_objective
 from kdistill.models import create_model
 from kdistill.train import Progress, fit
+from kdistill.train.devices import synchronize
 
 
 class SeedStudent(nn.Module):
@@ -61,11 +65,12 @@ class PerSampleDataset(Dataset):
         return (x - self.mean) / self.std, int(self.labels[i])
 
 
-def plain_epoch(model, loader) -> float:
+def plain_epoch(model, loader, device: torch.device) -> float:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()
     samples = 0
     for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad()
         loss = F.cross_entropy(model(images), labels)
         loss.backward()
@@ -79,27 +84,35 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--samples", type=int, default=20_000, help="training samples per measured epoch")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (the plain loop copies pinned batches)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the train.compile variants")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     data = load_data("fashion_mnist")
     train = data.train
     subset = type(train)(train.images[: args.samples], train.labels[: args.samples])
     mean, std = data.mean[0], data.std[0]
+    gpu = device.type == "cuda"
     plain_loader = DataLoader(PerSampleDataset(subset.images, subset.labels, mean, std),
-                              batch_size=args.batch_size, shuffle=True)
-    batch_loader = BatchLoader(subset, args.batch_size, mean=data.mean, std=data.std, shuffle=True)
+                              batch_size=args.batch_size, shuffle=True, pin_memory=gpu,
+                              num_workers=4 if gpu else 0, persistent_workers=gpu)
+    batch_loader = BatchLoader(subset, args.batch_size, mean=data.mean, std=data.std, shuffle=True, device=device)
     quiet = Progress("quiet")
 
-    def kdistill_epoch(precision: str):
+    def kdistill_epoch(precision: str, compile: bool = False):
         model = create_model("seed_student", data.input_shape, data.num_classes)
-        cfg = train_config(epochs=1, batch_size=args.batch_size, optimizer="adam", lr=0.01, precision=precision)
-        result = fit(Distiller(None, model, cross_entropy_objective()), batch_loader, cfg, progress=quiet)
-        return result.train_seconds
+        cfg = train_config(epochs=1, batch_size=args.batch_size, optimizer="adam", lr=0.01, precision=precision,
+                           compile=compile)
+        distiller = Distiller(None, model, cross_entropy_objective(), device=device)
+        return fit(distiller, batch_loader, cfg, progress=quiet).train_seconds
 
     def timed_plain(make_model):
-        model = make_model()
+        model = make_model().to(device)
+        synchronize(device)
         started = time.perf_counter()
-        plain_epoch(model, plain_loader)
+        plain_epoch(model, plain_loader, device)
+        synchronize(device)
         return time.perf_counter() - started
 
     variants = {
@@ -109,15 +122,20 @@ def main() -> None:
         "kdistill": lambda: kdistill_epoch("fp32"),
         "kdistill/bf16": lambda: kdistill_epoch("bf16"),
     }
-    print(check_environment())
-    interleaved(variants, 1)  # warm-up round, not counted
+    if not args.no_compile:
+        variants["kdistill/compile"] = lambda: kdistill_epoch("fp32", compile=True)
+        variants["kdistill/bf16/compile"] = lambda: kdistill_epoch("bf16", compile=True)
+    print(check_environment(), f"device {device}")
+    warmup = interleaved(variants, 1)  # not counted: compiles, fills caches
+    print("warm-up round (s):", {name: round(t[0], 1) for name, t in warmup.items()})
     times = interleaved(variants, args.rounds)
     rate = {name: args.samples / median(t) for name, t in times.items()}
     reference = rate["plain/seed-model"]
     print(f"{'variant':<22} {'samples/s':>10} {'x seed loop':>12}")
     for name, value in rate.items():
         print(f"{name:<22} {value:>10.0f} {value / reference:>12.2f}")
-    print(json.dumps({"samples_per_second": rate, "rounds": args.rounds, "samples": args.samples}))
+    print(json.dumps({"samples_per_second": rate, "rounds": args.rounds, "samples": args.samples,
+                      "device": str(device)}))
 
 
 if __name__ == "__main__":

@@ -278,3 +278,38 @@ def test_fp16_on_cuda_trains_and_records_gpu_latency(tmp_path, soft_label_cache)
     metrics = json.loads((tmp_path / RUN / "metrics.json").read_text())
     assert metrics["latency_device"] == "cpu" and "cuda" in metrics["gpu_latency_device"]
     assert set(metrics["student"]["gpu_latency_ms"]) == set(metrics["student"]["latency_ms"])
+
+
+# -- train.compile ---------------------------------------------------------------------------
+
+def _tiny_fit(**options):
+    from kdistill.distill import Distiller
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    student = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    keys = list(student.state_dict())
+    result = Distiller(None, student, {"ce": {}}).fit([(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)], 2,
+                                                       progress="quiet", **options)
+    assert list(student.state_dict()) == keys and student._compiled_call_impl is None  # given back uncompiled
+    return student, result
+
+
+def test_compile_trains_the_same_model_and_gives_it_back_uncompiled():
+    eager, _ = _tiny_fit()
+    compiled, _ = _tiny_fit(compile=True)
+    for a, b in zip(eager.state_dict().values(), compiled.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiler_that_fails_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken_compile(self, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("inductor: no C++ compiler found\nlong details")
+        self._compiled_call_impl = fail
+
+    monkeypatch.setattr(torch.nn.Module, "compile", broken_compile)
+    with pytest.warns(UserWarning, match=r"train.compile: torch.compile failed \(.*no C\+\+ compiler found"):
+        student, result = _tiny_fit(compile=True)
+    eager, reference = _tiny_fit()
+    assert result.history[-1]["train_loss"] == reference.history[-1]["train_loss"]

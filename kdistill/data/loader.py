@@ -40,6 +40,10 @@ class Batch(_BatchFields):
         batch.share = share
         return batch
 
+    def _replace(self, **changes) -> "Batch":
+        share = changes.pop("share", self.share)  # the tuple's own _replace would drop it
+        return Batch(*super()._replace(**changes), share=share)
+
 
 class BatchLoader:
     """Batches sliced from in-memory tensors: no per-sample Python work.

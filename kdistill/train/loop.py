@@ -29,6 +29,7 @@ from kdistill.train.checkpoint import (
     save_optimizer,
     save_tensors,
 )
+from kdistill.train.compiling import Compilation
 from kdistill.train.devices import autocast, check_precision, device_of
 from kdistill.train.optim import build_optimizer, learning_rate
 from kdistill.train.progress import Progress
@@ -223,8 +224,24 @@ def _epoch_batches(loader, epoch: int, start_step: int):
     return itertools.islice(loader, start_step, None)
 
 
+def _optimize(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+              grad_clip: float | None) -> None:
+    """One optimisation step; the scaler (fp16) scales the loss and skips steps whose gradients overflowed."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def _share(loader, step_in_epoch: int, batch: int) -> float:
-    """This process's batch over the average per-process batch: 1 but for a global batch that splits unevenly."""
+    """This process's batch over the average per-process batch: 1 but for a global batch that splits unevenly.
+
+    Each process's mean loss is scaled by it, so that DDP's mean of the processes' gradients is the
+    gradient of the global batch's mean loss.
+    """
     world = distributed.world_size()
     if world == 1 or not hasattr(loader, "global_batch_size"):
         return 1.0
@@ -277,83 +294,77 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
     def where(step: int) -> str:
         return f"[{label}] epoch {step // steps_per_epoch + 1}, step {step % steps_per_epoch + 1}"
 
-    for epoch in range(position.epoch, cfg.epochs):
-        if result.stopped_early:  # resumed after the last epoch of an early-stopped run
-            break
-        first_step = position.step if epoch == position.epoch else 0
-        meter = RunningSums(list(getattr(getattr(distiller, "objective", None), "terms", {})), device)
-        seconds_before = 0.0
-        if first_step:
-            meter.load(position.meter)
-            _set_rng_state(position.rng, device)
-            seconds_before = position.seconds
-        else:
-            torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: reproducible after a resume
-        distiller.train()
-        started = time.perf_counter()
-        batches = progress.batches(_epoch_batches(train_loader, epoch, first_step), steps_per_epoch - first_step,
-                                   f"{label} {epoch + 1}/{cfg.epochs}")
-        for step_in_epoch, batch in enumerate(batches, start=first_step):
-            step = epoch * steps_per_epoch + step_in_epoch
-            lr = learning_rate(cfg, step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            inputs, labels, index = _on(device, *unpack(batch))
-            with autocast(cfg.precision, device):
-                loss, logits, terms = step_function(inputs, labels, index)
-            optimizer.zero_grad(set_to_none=True)
-            # Each process holds `share` of an average-sized piece of the global batch: scaled so, DDP's
-            # mean of the processes' gradients is the gradient of the global batch's mean loss.
-            share = _share(train_loader, step_in_epoch, labels.shape[0])
-            scaler.scale(loss * share if share != 1.0 else loss).backward()
-            if cfg.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            meter.add(step, loss, logits, labels, terms)
-            done = step_in_epoch + 1
-            if done % cfg.log_every_steps == 0 and done < steps_per_epoch:
-                running = meter.read(where)
-                progress.update(loss=running["train_loss"], acc=running["train_accuracy"])
-            if (out_dir is not None and cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
-                    and done < steps_per_epoch):
-                meter.read(where)  # nothing non-finite goes into a checkpoint
-                elapsed = seconds_before + time.perf_counter() - started
-                if main:
-                    _save_state(distiller, optimizer, out_dir, result, Position(
-                        epoch, done, since_best=position.since_best, meter=meter.state(), rng=_rng_state(device),
-                        seconds=elapsed), best_state, started_from, scaler)
-        running = meter.read(where)  # a host sync: the epoch's work is done when the clock stops
-        seconds = seconds_before + time.perf_counter() - started
+    # The teacher runs live (a cached one has no model here); compiled for inference with the student.
+    with Compilation([model, getattr(distiller, "teacher", None)], cfg.compile) as compilation:
+        for epoch in range(position.epoch, cfg.epochs):
+            if result.stopped_early:  # resumed after the last epoch of an early-stopped run
+                break
+            first_step = position.step if epoch == position.epoch else 0
+            meter = RunningSums(list(getattr(getattr(distiller, "objective", None), "terms", {})), device)
+            seconds_before = 0.0
+            if first_step:
+                meter.load(position.meter)
+                _set_rng_state(position.rng, device)
+                seconds_before = position.seconds
+            else:
+                torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: reproducible after a resume
+            distiller.train()
+            started = time.perf_counter()
+            batches = progress.batches(_epoch_batches(train_loader, epoch, first_step), steps_per_epoch - first_step,
+                                       f"{label} {epoch + 1}/{cfg.epochs}")
+            for step_in_epoch, batch in enumerate(batches, start=first_step):
+                step = epoch * steps_per_epoch + step_in_epoch
+                lr = learning_rate(cfg, step, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                inputs, labels, index = _on(device, *unpack(batch))
+                with autocast(cfg.precision, device):
+                    loss, logits, terms = compilation.call(step_function, inputs, labels, index)
+                _optimize(loss * _share(train_loader, step_in_epoch, labels.shape[0]), optimizer, scaler, cfg.grad_clip)
+                meter.add(step, loss, logits, labels, terms)
+                done = step_in_epoch + 1
+                if done % cfg.log_every_steps == 0 and done < steps_per_epoch:
+                    running = meter.read(where)
+                    progress.update(loss=running["train_loss"], acc=running["train_accuracy"])
+                if (out_dir is not None and cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0
+                        and done < steps_per_epoch):
+                    meter.read(where)  # nothing non-finite goes into a checkpoint
+                    elapsed = seconds_before + time.perf_counter() - started
+                    if main:
+                        _save_state(distiller, optimizer, out_dir, result, Position(
+                            epoch, done, since_best=position.since_best, meter=meter.state(), rng=_rng_state(device),
+                            seconds=elapsed), best_state, started_from, scaler)
+            running = meter.read(where)  # a host sync: the epoch's work is done when the clock stops
+            seconds = seconds_before + time.perf_counter() - started
 
-        samples = running.pop("samples")
-        record = {"epoch": epoch + 1, "lr": lr, **running, "epoch_seconds": seconds,
-                  "samples_per_second": samples / seconds}
-        result.train_seconds += seconds
-        result.train_samples += samples
-        improved = True
-        if val_loader is not None:
-            accuracy, nll = validate(model, val_loader)
-            record.update(val_accuracy=accuracy, val_loss=nll)
-            improved = result.best_val_accuracy is None or accuracy > result.best_val_accuracy
-        if improved:
-            result.best_epoch, result.best_val_accuracy = epoch + 1, record.get("val_accuracy")
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            position.since_best = 0
-        else:
-            position.since_best += 1
-        result.history.append(record)
-        result.stopped_early = cfg.early_stop_patience is not None and position.since_best >= cfg.early_stop_patience
-        progress.line(_epoch_line(label, record, cfg.epochs))
-        if out_dir is not None and main:
-            with open(out_dir / METRICS_FILE, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            _save_state(distiller, optimizer, out_dir, result, Position(epoch + 1, 0, since_best=position.since_best),
-                        best_state, started_from, scaler)
-        if result.stopped_early:
-            progress.line(f"[{label}] early stop: no better val accuracy for {position.since_best} epochs")
-            break
+            samples = running.pop("samples")
+            record = {"epoch": epoch + 1, "lr": lr, **running, "epoch_seconds": seconds,
+                      "samples_per_second": samples / seconds}
+            result.train_seconds += seconds
+            result.train_samples += samples
+            improved = True
+            if val_loader is not None:
+                accuracy, nll = validate(model, val_loader)
+                record.update(val_accuracy=accuracy, val_loss=nll)
+                improved = result.best_val_accuracy is None or accuracy > result.best_val_accuracy
+            if improved:
+                result.best_epoch, result.best_val_accuracy = epoch + 1, record.get("val_accuracy")
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                position.since_best = 0
+            else:
+                position.since_best += 1
+            result.history.append(record)
+            patience = cfg.early_stop_patience
+            result.stopped_early = patience is not None and position.since_best >= patience
+            progress.line(_epoch_line(label, record, cfg.epochs))
+            if out_dir is not None and main:
+                with open(out_dir / METRICS_FILE, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                _save_state(distiller, optimizer, out_dir, result,
+                            Position(epoch + 1, 0, since_best=position.since_best), best_state, started_from, scaler)
+            if result.stopped_early:
+                progress.line(f"[{label}] early stop: no better val accuracy for {position.since_best} epochs")
+                break
 
     if best_state is not None:
         model.load_state_dict(best_state)
