@@ -548,6 +548,10 @@ class Pipeline:
                 f"{(cfg.teacher.train if role == 'teacher' else cfg.train).epochs} epochs"
             lines.append(f"{role}: {spec.name} {OmegaConf.to_container(spec.kwargs) or ''}".rstrip()
                          + f", {count_parameters(self.build(role)):,} parameters, {source}")
+        processes = distributed.world_size()
+        lines.append(f"device: {device_name(self.device)} (device={cfg.device})"
+                     + (f", {processes} processes" if processes > 1 else "")
+                     + f"; precision: teacher {cfg.teacher.train.precision}, students {cfg.train.precision}")
         terms = " + ".join(f"{w:g} {label}" for label, w in self.objective.weights.items())
         lines.append(f"objective: {terms}; teacher signal: {self.teacher_signal}"
                      + (f" (cache: {self.cache_dir})" if self.teacher_signal == "cached" else ""))

@@ -38,6 +38,8 @@ KEYS = [
     "distill.losses.kd.temperature", "distill.losses.kd.type", "distill.losses.ce.label_smoothing",
     "distill.losses.extra.type", "distill.losses.kd.foo", "distill.normalize_weights", "distill.cache_dir",
     "eval.latency_batches", "eval.latency_batches[0]", "eval.batch_size", "eval.latency_repeats",
+    "device", "data.on_device", "train.compile", "train.log_every_steps", "train.checkpoint_every_steps",
+    "teacher.train.precision",
     "teacher.trian.epochs", "distill.temperatur", "foo.bar", "", ".", "train..lr",
 ]
 PATH_KEYS = ["out_dir", "data.root", "teacher.checkpoint", "distill.cache_dir", "name"]

@@ -58,7 +58,9 @@ GOOD_LOSS_KEYS = [f"distill.losses.{key}" for key in ("ce.weight", "ce.label_smo
                                                       "tang.weight", "tang.alpha")]
 ODD_LOSS_KEYS = ["distill.losses", "distill.losses.kd", "distill.losses.ce", "distill.losses.kd.type",
                  "distill.losses.hint.type", "distill.losses.kd.foo", "distill.losses.ce.temperature"]
-CHOICES = {"optimizer": ["sgd", "adam", "adamw"], "schedule": ["none", "cosine", "step"], "precision": ["fp32", "bf16"]}
+CHOICES = {"optimizer": ["sgd", "adam", "adamw"], "schedule": ["none", "cosine", "step"],
+           "precision": ["fp32", "bf16", "fp16"], "device": ["auto", "cpu", "cuda", "cuda:1", "mps"],
+           "on_device": ["auto", True, False]}
 
 
 def _good(key: str):

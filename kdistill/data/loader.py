@@ -60,9 +60,10 @@ class BatchLoader:
 
     `batch_size` is the global batch. With `world_size` processes, rank r yields the rows
     [r * n // w, (r + 1) * n // w) of each global batch of n samples, so the processes' batches,
-    concatenated in rank order, are exactly the single-process batches, augmentation included. A
-    last global batch smaller than `world_size` is dropped in every process (at most world_size - 1
-    samples per epoch), so every process takes the same number of steps.
+    concatenated in rank order, are exactly the single-process batches, augmentation included. When
+    shuffling (training), a last global batch smaller than `world_size` is dropped in every process
+    (at most world_size - 1 samples per epoch), so every process takes the same number of steps;
+    otherwise (evaluation) every sample is kept, and a process with no rows of it skips it.
     """
 
     def __init__(self, data: ImageSet, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
@@ -119,14 +120,10 @@ class BatchLoader:
     def num_samples(self) -> int:
         """Samples yielded per (whole) epoch by all processes together: the count samples/s is computed from.
 
-        Fewer than len(data) when drop_last drops a short last batch or it is too small to split."""
+        Fewer than len(data) when drop_last drops a short last batch, or when shuffling it is too small to split."""
         n = len(self.data)
         last = n % self.batch_size
-        return n - last if self.drop_last or last < self.world_size else n
-
-    def global_batch_size(self, step: int) -> int:
-        """Samples in the epoch's global batch `step`, over all processes together."""
-        return min(self.batch_size, self.num_samples - step * self.batch_size)
+        return n - last if self.drop_last or (self.shuffle and last < self.world_size) else n
 
     def __len__(self) -> int:
         """Global batches per (whole) epoch, the same in every process."""
@@ -150,6 +147,8 @@ class BatchLoader:
         for start in range(self.start_step * self.batch_size, total, self.batch_size):
             size = min(self.batch_size, total - start)
             low, high = start + self.rank * size // w, start + (self.rank + 1) * size // w
+            if low == high:  # evaluation: fewer samples left than processes
+                continue
             index = order[low:high]
             x, y = images[index], labels[index]
             if not self.on_device:

@@ -121,17 +121,18 @@ def validate(model: nn.Module, loader: Iterable) -> tuple[float, float]:
     device = device_of(model)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=_sum_dtype(device), device=device)  # correct, NLL, samples
+    sums = torch.zeros(2, dtype=_sum_dtype(device), device=device)  # correct, NLL
+    samples = 0  # counted on the host: a tensor made from a number per batch would be a copy to the device
     try:
         for batch in loader:
             inputs, labels, _ = _on(device, *unpack(batch))
             logits = model(inputs).float()
             sums += torch.stack([(logits.argmax(1) == labels).sum().to(sums.dtype),
-                                 F.cross_entropy(logits, labels, reduction="sum").to(sums.dtype),
-                                 torch.tensor(labels.shape[0], dtype=sums.dtype, device=device)])
+                                 F.cross_entropy(logits, labels, reduction="sum").to(sums.dtype)])
+            samples += labels.shape[0]
     finally:
         model.train(was_training)
-    correct, nll, samples = distributed.sum_(sums).tolist()
+    correct, nll, samples = distributed.sum_(torch.cat([sums, sums.new_tensor([samples])])).tolist()
     return correct / samples, nll / samples
 
 
@@ -151,17 +152,18 @@ class RunningSums:
 
     def __init__(self, names: list[str], device: torch.device):
         self.names = names
-        self.sums = torch.zeros(3 + len(names), dtype=_sum_dtype(device), device=device)  # loss, correct, n, terms
+        self.sums = torch.zeros(2 + len(names), dtype=_sum_dtype(device), device=device)  # loss, correct, terms
         self.first_bad = torch.full((1 + len(names),), self.NEVER, dtype=torch.int64, device=device)
+        self.samples = 0  # on the host: a tensor made from a number each step would be a copy to the device
 
     def add(self, step: int, loss: Tensor, logits: Tensor, labels: Tensor, terms: dict[str, Tensor]) -> None:
         values = torch.stack([loss.detach().float(), *(terms[name].detach().float() for name in self.names)])
         n = labels.shape[0]
-        correct = (logits.detach().argmax(1) == labels).sum()
-        count = torch.tensor(n, device=values.device)
-        self.sums += torch.cat([values[:1] * n, torch.stack([correct, count]).to(values.dtype), values[1:] * n])
+        correct = (logits.detach().argmax(1) == labels).sum().to(values.dtype).reshape(1)
+        self.sums += torch.cat([values[:1] * n, correct, values[1:] * n])
         never = torch.full_like(self.first_bad, self.NEVER)
         self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(values), never, step))
+        self.samples += n
 
     def read(self, where) -> dict[str, float]:
         """The epoch's means so far, over every process; raises FloatingPointError at a non-finite value.
@@ -169,23 +171,24 @@ class RunningSums:
         `where(step)` names a global step for the message.
         """
         first_bad = distributed.min_(self.first_bad.clone())
-        sums = distributed.sum_(self.sums.clone())
+        sums = distributed.sum_(torch.cat([self.sums, self.sums.new_tensor([self.samples])]))
         bad = first_bad.tolist()
         step = min(bad)
         if step != self.NEVER:
             culprits = [name for name, at in zip(self.names, bad[1:], strict=True) if at == step] or ["the total loss"]
             raise FloatingPointError(f"{where(step)}: the loss became NaN or inf (in {', '.join(culprits)}); the "
                                      "last checkpoint stays: lower the learning rate or set train.grad_clip")
-        loss, correct, samples, *terms = sums.tolist()
+        loss, correct, *terms, samples = sums.tolist()
         return {"samples": int(samples), "train_loss": loss / samples, "train_accuracy": correct / samples,
                 **{f"train_{name}": value / samples for name, value in zip(self.names, terms, strict=True)}}
 
     def state(self) -> dict[str, Tensor]:
-        return {"sums": self.sums, "first_bad": self.first_bad}
+        return {"sums": self.sums, "first_bad": self.first_bad, "samples": torch.tensor(self.samples)}
 
     def load(self, state: dict[str, Tensor]) -> None:
         self.sums.copy_(state["sums"])
         self.first_bad.copy_(state["first_bad"])
+        self.samples = int(state["samples"])
 
 
 class _TrainingStep(nn.Module):
@@ -234,18 +237,6 @@ def _optimize(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.
         nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
     scaler.step(optimizer)
     scaler.update()
-
-
-def _share(loader, step_in_epoch: int, batch: int) -> float:
-    """This process's batch over the average per-process batch: 1 but for a global batch that splits unevenly.
-
-    Each process's mean loss is scaled by it, so that DDP's mean of the processes' gradients is the
-    gradient of the global batch's mean loss.
-    """
-    world = distributed.world_size()
-    if world == 1 or not hasattr(loader, "global_batch_size"):
-        return 1.0
-    return batch * world / loader.global_batch_size(step_in_epoch)
 
 
 def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None = None,
@@ -320,7 +311,9 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                 inputs, labels, index = _on(device, *unpack(batch))
                 with autocast(cfg.precision, device):
                     loss, logits, terms = compilation.call(step_function, inputs, labels, index)
-                _optimize(loss * _share(train_loader, step_in_epoch, labels.shape[0]), optimizer, scaler, cfg.grad_clip)
+                # Each process's share of an unevenly split global batch weighs its mean loss, so that
+                # DDP's mean of the processes' gradients is the gradient of the global batch's mean loss.
+                _optimize(loss * getattr(batch, "share", 1.0), optimizer, scaler, cfg.grad_clip)
                 meter.add(step, loss, logits, labels, terms)
                 done = step_in_epoch + 1
                 if done % cfg.log_every_steps == 0 and done < steps_per_epoch:
@@ -497,7 +490,8 @@ def _restore(distiller, optimizer, scaler, out_dir: Path, result: FitResult, sta
         if position.step:
             position.meter, position.rng = part("meter."), {k: v.cpu() for k, v in part("rng.").items()}
             names = getattr(getattr(distiller, "objective", None), "terms", {})
-            if position.meter["sums"].shape != (3 + len(names),) or "cpu" not in position.rng:
+            if position.meter["sums"].shape != (2 + len(names),) or "samples" not in position.meter \
+                    or "cpu" not in position.rng:
                 raise ValueError("the running sums of another objective")
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:  # another model, or not our file
         raise KdistillError(f"{path} does not fit this training ({_first_line(err)[:200]}); did the model "
