@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20_000, help="training samples per measured epoch")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (the plain loop copies pinned batches)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the train.compile variants")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="kdistill variants to time (bf16 is slow on CPUs without AVX-512 BF16 or AMX)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -101,11 +103,12 @@ def main() -> None:
     quiet = Progress("quiet")
 
     def kdistill_epoch(precision: str, compile: bool = False):
+        """The second epoch of a two-epoch fit: steady state (the first one compiles, with compile)."""
         model = create_model("seed_student", data.input_shape, data.num_classes)
-        cfg = train_config(epochs=1, batch_size=args.batch_size, optimizer="adam", lr=0.01, precision=precision,
+        cfg = train_config(epochs=2, batch_size=args.batch_size, optimizer="adam", lr=0.01, precision=precision,
                            compile=compile)
         distiller = Distiller(None, model, cross_entropy_objective(), device=device)
-        return fit(distiller, batch_loader, cfg, progress=quiet).train_seconds
+        return fit(distiller, batch_loader, cfg, progress=quiet).history[-1]["epoch_seconds"]
 
     def timed_plain(make_model):
         model = make_model().to(device)
@@ -119,13 +122,13 @@ def main() -> None:
         "plain/seed-model": lambda: timed_plain(SeedStudent),
         "plain/kdistill-model": lambda: timed_plain(
             lambda: create_model("seed_student", data.input_shape, data.num_classes)),
-        "kdistill": lambda: kdistill_epoch("fp32"),
-        "kdistill/bf16": lambda: kdistill_epoch("bf16"),
     }
-    if not args.no_compile:
-        variants["kdistill/compile"] = lambda: kdistill_epoch("fp32", compile=True)
-        variants["kdistill/bf16/compile"] = lambda: kdistill_epoch("bf16", compile=True)
-    print(check_environment(), f"device {device}")
+    for precision in args.precisions:
+        name = "kdistill" if precision == "fp32" else f"kdistill/{precision}"
+        variants[name] = lambda p=precision: kdistill_epoch(p)
+        if not args.no_compile:
+            variants[f"{name}/compile"] = lambda p=precision: kdistill_epoch(p, compile=True)
+    print(check_environment(), f"device {device}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     warmup = interleaved(variants, 1)  # not counted: compiles, fills caches
     print("warm-up round (s):", {name: round(t[0], 1) for name, t in warmup.items()})
     times = interleaved(variants, args.rounds)

@@ -12,7 +12,7 @@ import warnings
 
 from kdistill.errors import KdistillError
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = 2  # kdistill.train.distributed.launch relies on it
 
 
 def _recipe_command(sub, name: str, help_text: str, *, retrains: bool = False) -> argparse.ArgumentParser:

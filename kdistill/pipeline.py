@@ -86,9 +86,10 @@ class Pipeline:
         self.main = distributed.is_main()  # only rank 0 writes files and prints
         self.progress = Progress(progress if self.main else "quiet")
         distributed.agree(OmegaConf.to_yaml(cfg, resolve=True), "config")
-        check_precision(cfg.train.precision, self.device, "train.precision")
-        if not cfg.teacher.checkpoint:
-            check_precision(cfg.teacher.train.precision, self.device, "teacher.train.precision")
+        trained = [("train", cfg.train)] + ([] if cfg.teacher.checkpoint else [("teacher.train", cfg.teacher.train)])
+        for key, train in trained:
+            check_precision(train.precision, self.device, f"{key}.precision")
+            _check_batch_split(train.batch_size, f"{key}.batch_size")
         self.data = load_data(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.data.split_seed,
                               cfg.data.download)
         self._check_against_data()
@@ -564,6 +565,14 @@ def _file_digest(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _check_batch_split(batch_size: int, key: str) -> None:
+    """Each process needs at least one sample of every global batch."""
+    processes = distributed.world_size()
+    if batch_size < processes:
+        raise KdistillError(f"{key}={batch_size} is the global batch, split across {processes} processes: it must "
+                            f"be at least {processes}; raise it or start fewer processes")
 
 
 def _check_trainable(model: nn.Module, what: str, input_shape) -> None:

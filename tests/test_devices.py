@@ -313,3 +313,129 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_one_warning(monkeypatch)
         student, result = _tiny_fit(compile=True)
     eager, reference = _tiny_fit()
     assert result.history[-1]["train_loss"] == reference.history[-1]["train_loss"]
+
+
+# -- found in review ---------------------------------------------------------------------------
+
+def test_a_loss_term_of_weight_zero_trains(tmp_path, soft_label_cache):
+    assert main(["run", DIGITS, f"out_dir={tmp_path}", *FAST, "distill.losses.kd.weight=0", "--quiet"]) == 0
+    line = json.loads((tmp_path / RUN / "student" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "train_ce" in line and "train_kd" not in line
+
+
+def test_a_global_batch_smaller_than_the_process_count_is_refused(tmp_path):
+    done = _kdistill("train", DIGITS, f"out_dir={tmp_path}", *FAST, "teacher.train.batch_size=1", "--nproc", "2",
+                     "--quiet", env={"KDISTILL_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("kdistill: error: teacher.train.batch_size=1 is the global batch, split across 2 "
+                                   "processes: it must be at least 2; raise it or start fewer processes")
+
+
+def test_a_killed_worker_is_named(tmp_path):
+    """An out-of-memory kill of one process: the launcher says which rank died of what."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, signal, threading\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()\n")
+    done = _kdistill("train", DIGITS, f"out_dir={tmp_path / 'runs'}", "threads=1", "teacher.train.epochs=500",
+                     "--nproc", "2", "--quiet",
+                     env={"PYTHONPATH": str(tmp_path), "KDISTILL_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 1, done.stderr
+    assert "the process of rank 1 was killed by SIGKILL (out of memory?)" in done.stderr, done.stderr
+
+
+def test_two_processes_resume_mid_epoch_with_the_metrics_of_an_uninterrupted_run(tmp_path):
+    cache = {"KDISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["train", DIGITS, "threads=1", "teacher.train.epochs=2", "teacher.kwargs.dropout=0.2",
+            "teacher.train.checkpoint_every_steps=5", "--nproc", "2", "--quiet"]
+    assert _kdistill(*args, f"out_dir={tmp_path / 'whole'}", env=cache).returncode == 0
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(
+        "import os\n"
+        "from kdistill.train import loop\n"
+        "real = loop._save_state\n"
+        "def save_then_die(*a, **k):\n"
+        "    real(*a, **k)\n"
+        "    if (a[4].epoch, a[4].step) == (1, 10):\n"
+        "        os._exit(137)\n"
+        "loop._save_state = save_then_die\n")
+    cut = _kdistill(*args, f"out_dir={tmp_path / 'cut'}", env={**cache, "PYTHONPATH": str(tmp_path / "hook")})
+    assert cut.returncode != 0
+    assert _kdistill(*args, f"out_dir={tmp_path / 'cut'}", "--resume", env=cache).returncode == 0
+    assert _outcome(tmp_path / "cut" / RUN) == _outcome(tmp_path / "whole" / RUN)
+
+
+def test_a_plain_dataloader_resumes_mid_epoch_exactly(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kdistill.distill import Distiller
+    from kdistill.train import loop
+
+    def train(out, die_at=None):
+        torch.manual_seed(0)
+        x, y = torch.randn(96, 5), torch.randint(0, 3, (96,))
+        student = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+        batches = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+        Distiller(None, student, {"ce": {}}).fit(batches, 2, out_dir=out, progress="quiet", checkpoint_every_steps=4,
+                                                 resume=die_at is None and (out / "train_state.safetensors").exists())
+        return student.state_dict()
+
+    whole = train(tmp_path / "whole")
+    real = loop._save_state
+
+    def save_then_die(*a, **k):
+        real(*a, **k)
+        if (a[4].epoch, a[4].step) == (1, 8):
+            raise KeyboardInterrupt
+
+    loop._save_state = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tmp_path / "cut", die_at=(1, 8))
+    finally:
+        loop._save_state = real
+    resumed = train(tmp_path / "cut")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0)
+
+
+def test_a_models_own_error_under_compile_is_its_error_alone(recwarn):
+    from kdistill.distill import Distiller
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(x[:, :4])  # 4 features into a layer of 5
+
+    batches = [(torch.randn(4, 5), torch.randint(0, 3, (4,)))]
+    with pytest.raises(KdistillError, match="the student \\(Broken\\) failed on a training batch"):
+        Distiller(None, Broken(), {"ce": {}}).fit(batches, 1, progress="quiet", compile=True)
+    assert not [w for w in recwarn if "train.compile" in str(w.message)]
+
+
+BN_TEACHER = """
+from torch import nn
+
+class BNTeacher(nn.Module):
+    def __init__(self, hidden=()):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+def test_batchnorm_statistics_agree_across_processes(tmp_path):
+    """Each process updates BatchNorm statistics on its own shard; rank 0's are given to all after every epoch,
+    so the processes validate, select and distil from one and the same teacher (one soft-label entry)."""
+    (tmp_path / "bn_teacher.py").write_text(BN_TEACHER)
+    cache = tmp_path / "cache"
+    done = _kdistill("run", DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST, "teacher.name=bn_teacher:BNTeacher",
+                     "eval.latency_batches=[1]", "--nproc", "2", "--quiet",
+                     env={"PYTHONPATH": str(tmp_path), "KDISTILL_CACHE_DIR": str(cache)})
+    assert done.returncode == 0, done.stderr
+    assert len(list(cache.glob("*.safetensors"))) == 1

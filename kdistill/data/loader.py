@@ -108,8 +108,8 @@ class BatchLoader:
         self.preprocessing = f"normalize(mean={mean!r}, std={std!r}); augment={self.augment!r}"
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Pick the epoch whose shuffle order and augmentation the next iterations produce, starting at
-        global batch `start_step` (to resume mid-epoch). Both hold for every iteration until the next call."""
+        """Pick the epoch whose shuffle order and augmentation the next iterations produce; the next iteration
+        (only that one) starts at global batch `start_step`, to resume mid-epoch."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise KdistillError(f"epoch must be a non-negative integer, got {epoch!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= len(self):
@@ -144,7 +144,8 @@ class BatchLoader:
             order = order.to(self.device)
         copy = self._pinned_copy if self.device.type == "cuda" else self._copy
         total, w = self.num_samples, self.world_size
-        for start in range(self.start_step * self.batch_size, total, self.batch_size):
+        first, self.start_step = self.start_step, 0
+        for start in range(first * self.batch_size, total, self.batch_size):
             size = min(self.batch_size, total - start)
             low, high = start + self.rank * size // w, start + (self.rank + 1) * size // w
             if low == high:  # evaluation: fewer samples left than processes

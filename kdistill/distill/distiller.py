@@ -161,7 +161,12 @@ class Distiller(nn.Module):
         if isinstance(self.signal, CachedTeacher):
             parts["teacher"] = tensor_digest(self.signal.logits)
         elif self.signal is not None:
-            inputs = unpack(next(iter(loader)))[0][:8].to(device_of(self.teacher))
+            set_epoch = getattr(loader, "set_epoch", None)
+            if set_epoch is not None:
+                set_epoch(0)
+            with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader's first batch, the same every time
+                torch.manual_seed(0)
+                inputs = unpack(next(iter(loader)))[0][:8].to(device_of(self.teacher))
             with self._teacher_lent():
                 outputs = self.signal(inputs).logits
             parts["teacher"] = weights_digest(self.teacher) + tensor_digest(outputs.float().cpu())
@@ -204,6 +209,8 @@ class Distiller(nn.Module):
         cfg = train_config(epochs=epochs, **train_options)
         if device is not None:
             self.to(resolve_device(device))
+        if isinstance(self.signal, CachedTeacher):  # where the student is, whoever moved it
+            self.signal.to(self.device)
         with self._teacher_lent():
             if not (resume and out_dir is not None):
                 self.warn_if_teacher_untrained(train_loader)

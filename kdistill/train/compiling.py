@@ -34,7 +34,11 @@ class Compilation:
         self._undo()
 
     def call(self, function, *args):
-        """`function(*args)`; a failure while compiled sends the models back to eager, and it runs again."""
+        """`function(*args)`; a failure while compiled sends the models back to eager, and it runs again.
+
+        If it fails in eager mode too, the fault is the model's, not the compiler's: that error is raised,
+        without a word about compilation.
+        """
         if not self.active:
             return function(*args)
         try:
@@ -42,10 +46,11 @@ class Compilation:
         except (KeyboardInterrupt, FloatingPointError):
             raise
         except Exception as error:  # noqa: BLE001  the compiler's errors have no common type
+            self._undo()
+            result = function(*args)
             warnings.warn(f"train.compile: torch.compile failed ({describe_error(error)[:300]}); training on without "
                           "it", stacklevel=2)
-            self._undo()
-            return function(*args)
+            return result
 
     def _undo(self) -> None:
         for module, before in self._before.items():

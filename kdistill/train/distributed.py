@@ -105,6 +105,24 @@ def from_main(value):
     return box[0]
 
 
+def gather(value) -> list:
+    """Every process's `value`, in rank order, on every process (small picklable objects)."""
+    if not active():
+        return [value]
+    values: list = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) in every process: each updated them on its own shard, so
+    validation, the best weights and the teacher a later step uses would otherwise differ between processes."""
+    if not active():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def agree(text: str, what: str) -> None:
     """Refuse to go on unless every process holds the same `text` (its config, say)."""
     if not active():
@@ -120,53 +138,80 @@ def agree(text: str, what: str) -> None:
 
 def launch(argv: list[str], nproc: int) -> int:
     """Run `python -m kdistill ARGV` in `nproc` processes on this machine, with the environment torchrun
-    gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, and
+    OMP_NUM_THREADS=1 unless set), so that a run started one way resumes the other.
 
-    Rank 0 prints; the others' output is kept back and shown only if one of them fails. When one
-    process fails the others are stopped (as torchrun does) and its exit code is returned.
+    Rank 0 prints; the others' output is kept back and shown only if one of them fails first. When a
+    process fails the others are stopped (as torchrun does); the launcher's exit code is the first
+    failure's. Killing the launcher (SIGTERM, or SIGKILL on Linux) stops the workers too.
     """
     port = _free_port()
     workers, logs = [], []
-    for local_rank in range(nproc):
-        env = {**os.environ, "RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
-        log = None if local_rank == 0 else tempfile.TemporaryFile(mode="w+")
-        logs.append(log)
-        workers.append(subprocess.Popen([sys.executable, "-m", "kdistill", *argv], env=env,
-                                        stdout=None if log is None else subprocess.DEVNULL, stderr=log))
+    base = {**os.environ, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    base.setdefault("OMP_NUM_THREADS", "1")
     try:
-        codes = _wait_all(workers)
-    except KeyboardInterrupt:
-        _stop_all(workers)
-        raise
-    try:
-        if codes[0] > 0:  # rank 0 failed and said why
-            return codes[0]
-        failed = [r for r, code in enumerate(codes) if code != 0]
-        if not failed:
+        for rank in range(nproc):
+            log = None if rank == 0 else tempfile.TemporaryFile(mode="w+")
+            logs.append(log)
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "kdistill", *argv], env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=None if log is None else subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent))
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            first, codes = _wait_all(workers)
+        except KeyboardInterrupt:
+            _stop_all(workers)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if first is None:
             return 0
-        first = next((r for r in failed if r != 0), 0)  # rank 0 is stopped by us when another fails
-        if logs[first] is not None:
+        code = codes[first]
+        if code < 0:  # killed by a signal: nobody printed why
+            name = signal.Signals(-code).name
+            hint = " (out of memory?)" if name == "SIGKILL" else ""
+            print(f"kdistill: error: the process of rank {first} was killed by {name}{hint}; the others were "
+                  "stopped; continue with --resume", file=sys.stderr)
+            return 1
+        if logs[first] is not None:  # rank 0 prints its own error; another rank's is shown here
             logs[first].seek(0)
             for line in [line for line in logs[first].read().splitlines() if line.strip()][-3:]:
                 print(f"[rank {first}] {line}", file=sys.stderr)
-        return codes[first] if codes[first] > 0 else 1
+        return code
     finally:
         for log in logs:
             if log is not None:
                 log.close()
 
 
-def _wait_all(workers: list[subprocess.Popen]) -> list[int]:
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, have the kernel send SIGTERM if the launcher dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _wait_all(workers: list[subprocess.Popen]) -> tuple[int | None, list[int]]:
+    """Wait for every worker; returns (the rank that failed first or None, every exit code)."""
     while True:
         codes = [w.poll() for w in workers]
-        if all(code is not None for code in codes):
-            return codes
-        if any(code not in (None, 0) for code in codes):  # one failed: the others would wait for it forever
-            time.sleep(1.0)  # let rank 0 print its own error first if it has one
+        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:  # the others would wait for it at their next collective forever
+            time.sleep(1.0)  # bad input stops every rank alike: let rank 0 print its own line first
+            if workers[0].poll() == 2:
+                failed = [0]
             _stop_all(workers)
-            return [w.wait() for w in workers]
+            return failed[0], [w.wait() for w in workers]
+        if all(code == 0 for code in codes):
+            return None, codes
         time.sleep(0.1)
 
 

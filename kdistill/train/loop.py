@@ -8,7 +8,6 @@ epoch appends a line to metrics.jsonl and writes a resumable training state atom
 from __future__ import annotations
 
 import inspect
-import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,8 @@ from kdistill.train.progress import Progress
 STATE_FILE = "train_state.safetensors"  # resumable state (and best weights so far), rewritten every epoch
 METRICS_FILE = "metrics.jsonl"
 # Train settings that change neither the result nor the path to it: a resume may change them.
-NEUTRAL_TRAIN_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps")
+# compile is among them: compiled kernels may round differently, but they compute the same training.
+NEUTRAL_TRAIN_KEYS = ("epochs", "log_every_steps", "checkpoint_every_steps", "compile")
 
 
 @dataclass
@@ -62,8 +62,8 @@ class Position:
     epoch: int = 0
     step: int = 0
     since_best: int = 0
-    meter: dict[str, Tensor] | None = None
-    rng: dict[str, Tensor] | None = None
+    meter: dict[str, Tensor] | None = None  # RunningSums.totals(), over every process
+    rng: list | dict | None = None  # saved: every process's random state; restored: this process's
     seconds: float = 0.0
 
 
@@ -136,6 +136,12 @@ def validate(model: nn.Module, loader: Iterable) -> tuple[float, float]:
     return correct / samples, nll / samples
 
 
+def _logged_terms(distiller) -> list[str]:
+    """The labels of the terms a training step reports: those with a weight (a weight-0 term is not computed)."""
+    objective = getattr(distiller, "objective", None)
+    return [label for label, weight in getattr(objective, "weights", {}).items() if weight > 0]
+
+
 def _sum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
@@ -165,14 +171,18 @@ class RunningSums:
         self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(values), never, step))
         self.samples += n
 
+    def totals(self) -> dict[str, Tensor]:
+        """The sums over every process (a collective: every process calls it at the same step)."""
+        return {"sums": distributed.sum_(torch.cat([self.sums, self.sums.new_tensor([self.samples])])),
+                "first_bad": distributed.min_(self.first_bad.clone())}
+
     def read(self, where) -> dict[str, float]:
         """The epoch's means so far, over every process; raises FloatingPointError at a non-finite value.
 
         `where(step)` names a global step for the message.
         """
-        first_bad = distributed.min_(self.first_bad.clone())
-        sums = distributed.sum_(torch.cat([self.sums, self.sums.new_tensor([self.samples])]))
-        bad = first_bad.tolist()
+        totals = self.totals()
+        sums, bad = totals["sums"], totals["first_bad"].tolist()
         step = min(bad)
         if step != self.NEVER:
             culprits = [name for name, at in zip(self.names, bad[1:], strict=True) if at == step] or ["the total loss"]
@@ -182,13 +192,12 @@ class RunningSums:
         return {"samples": int(samples), "train_loss": loss / samples, "train_accuracy": correct / samples,
                 **{f"train_{name}": value / samples for name, value in zip(self.names, terms, strict=True)}}
 
-    def state(self) -> dict[str, Tensor]:
-        return {"sums": self.sums, "first_bad": self.first_bad, "samples": torch.tensor(self.samples)}
-
-    def load(self, state: dict[str, Tensor]) -> None:
-        self.sums.copy_(state["sums"])
-        self.first_bad.copy_(state["first_bad"])
-        self.samples = int(state["samples"])
+    def load(self, totals: dict[str, Tensor]) -> None:
+        """Go on from `totals()` saved mid-epoch: rank 0 carries them, the other processes start from zero."""
+        if distributed.is_main():
+            self.sums.copy_(totals["sums"][:-1])
+            self.samples = int(totals["sums"][-1])
+            self.first_bad.copy_(totals["first_bad"])
 
 
 class _TrainingStep(nn.Module):
@@ -224,7 +233,12 @@ def _epoch_batches(loader, epoch: int, start_step: int):
     sampler = getattr(loader, "sampler", None)  # a DataLoader with a DistributedSampler
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-    return itertools.islice(loader, start_step, None)
+    # Skipped now, before the caller restores the random state of the step it resumes at: a shuffling
+    # DataLoader draws its order from the epoch's seed at the first batch, as it did in the first run.
+    batches = iter(loader)
+    for _ in range(start_step):
+        next(batches, None)
+    return batches
 
 
 def _optimize(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -257,6 +271,10 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
     model = distiller.student
     device = device_of(model)
     check_precision(cfg.precision, device)
+    batch = getattr(train_loader, "batch_size", None)  # BatchLoader's is global (a DataLoader's per process)
+    if getattr(train_loader, "world_size", 1) > 1 and batch < distributed.world_size():
+        raise KdistillError(f"a global batch of {batch} cannot be split across {distributed.world_size()} processes: "
+                            "raise the batch size or start fewer processes")
     step_function = _step_function(distiller, device)
     optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a no-op unless fp16
@@ -291,18 +309,18 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
             if result.stopped_early:  # resumed after the last epoch of an early-stopped run
                 break
             first_step = position.step if epoch == position.epoch else 0
-            meter = RunningSums(list(getattr(getattr(distiller, "objective", None), "terms", {})), device)
+            meter = RunningSums(_logged_terms(distiller), device)
             seconds_before = 0.0
+            # Dropout etc.: reproducible after a resume, and each process draws its own masks.
+            torch.manual_seed(seed * 100_003 + epoch + 7_919 * distributed.rank())
+            epoch_batches = _epoch_batches(train_loader, epoch, first_step)  # under the epoch's seed, as before
             if first_step:
                 meter.load(position.meter)
                 _set_rng_state(position.rng, device)
                 seconds_before = position.seconds
-            else:
-                torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: reproducible after a resume
             distiller.train()
             started = time.perf_counter()
-            batches = progress.batches(_epoch_batches(train_loader, epoch, first_step), steps_per_epoch - first_step,
-                                       f"{label} {epoch + 1}/{cfg.epochs}")
+            batches = progress.batches(epoch_batches, steps_per_epoch - first_step, f"{label} {epoch + 1}/{cfg.epochs}")
             for step_in_epoch, batch in enumerate(batches, start=first_step):
                 step = epoch * steps_per_epoch + step_in_epoch
                 lr = learning_rate(cfg, step, steps_per_epoch)
@@ -323,10 +341,11 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                         and done < steps_per_epoch):
                     meter.read(where)  # nothing non-finite goes into a checkpoint
                     elapsed = seconds_before + time.perf_counter() - started
+                    totals, rng = meter.totals(), distributed.gather(_rng_state(device))  # every process's
                     if main:
                         _save_state(distiller, optimizer, out_dir, result, Position(
-                            epoch, done, since_best=position.since_best, meter=meter.state(), rng=_rng_state(device),
-                            seconds=elapsed), best_state, started_from, scaler)
+                            epoch, done, since_best=position.since_best, meter=totals, rng=rng, seconds=elapsed),
+                            best_state, started_from, scaler)
             running = meter.read(where)  # a host sync: the epoch's work is done when the clock stops
             seconds = seconds_before + time.perf_counter() - started
 
@@ -335,6 +354,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                       "samples_per_second": samples / seconds}
             result.train_seconds += seconds
             result.train_samples += samples
+            distributed.broadcast_buffers(model)  # BatchNorm statistics: each process saw its own shard
             improved = True
             if val_loader is not None:
                 accuracy, nll = validate(model, val_loader)
@@ -384,7 +404,7 @@ def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, position
     tensors.update({f"best.{k}": v for k, v in (best_state or {}).items()})
     tensors.update({f"objective.{k}": v for k, v in distiller.objective.state_dict().items()})
     tensors.update({f"meter.{k}": v for k, v in (position.meter or {}).items()})
-    tensors.update({f"rng.{k}": v for k, v in (position.rng or {}).items()})
+    tensors.update({f"rng.{rank}.{k}": v for rank, state in enumerate(position.rng or []) for k, v in state.items()})
     optim_tensors, optim_meta = save_optimizer(optimizer)
     tensors.update(optim_tensors)
     meta = {
@@ -406,6 +426,8 @@ def _rng_state(device: torch.device) -> dict[str, Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -413,6 +435,8 @@ def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
 
 
 def _first_line(err: Exception) -> str:
@@ -488,10 +512,11 @@ def _restore(distiller, optimizer, scaler, out_dir: Path, result: FitResult, sta
         if scaler.is_enabled() and scaler_state:
             scaler.load_state_dict(scaler_state)
         if position.step:
-            position.meter, position.rng = part("meter."), {k: v.cpu() for k, v in part("rng.").items()}
-            names = getattr(getattr(distiller, "objective", None), "terms", {})
-            if position.meter["sums"].shape != (2 + len(names),) or "samples" not in position.meter \
-                    or "cpu" not in position.rng:
+            position.meter = part("meter.")
+            position.rng = {k: v.cpu() for k, v in part(f"rng.{distributed.rank()}.").items()} or None
+            terms = len(_logged_terms(distiller))  # totals(): loss, correct, terms, samples; each one's first bad step
+            if position.meter["sums"].shape != (3 + terms,) or position.meter["first_bad"].shape != (1 + terms,) \
+                    or position.rng is None:
                 raise ValueError("the running sums of another objective")
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:  # another model, or not our file
         raise KdistillError(f"{path} does not fit this training ({_first_line(err)[:200]}); did the model "
