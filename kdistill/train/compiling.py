@@ -8,8 +8,10 @@ warning and the step runs again. When the training ends the models are given bac
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
+import torch
 from torch import nn
 
 from kdistill.models.registry import describe_error
@@ -19,12 +21,20 @@ class Compilation:
     def __init__(self, modules: list[nn.Module | None], enabled: bool):
         self.modules = [m for m in modules if m is not None] if enabled else []
         self._before = {}
+        self._settings = contextlib.ExitStack()
 
     @property
     def active(self) -> bool:
         return bool(self._before)
 
     def __enter__(self) -> "Compilation":
+        if self.modules:
+            # Guard on hooks: a graph traced without a tap must not serve a model that has one (models of
+            # one class share graphs). Room for the recompiles of several trainings in one process. The
+            # backward compiled with the forward, so that its failure reaches `call` too.
+            self._settings.enter_context(torch._dynamo.config.patch(skip_nnmodule_hook_guards=False,
+                                                                    recompile_limit=64))
+            self._settings.enter_context(torch._functorch.config.patch(force_non_lazy_backward_lowering=True))
         for module in self.modules:
             self._before[module] = module._compiled_call_impl  # what nn.Module.compile() sets
             module.compile()
@@ -32,6 +42,7 @@ class Compilation:
 
     def __exit__(self, *exc) -> None:
         self._undo()
+        self._settings.close()
 
     def call(self, function, *args):
         """`function(*args)`; a failure while compiled sends the models back to eager, and it runs again.

@@ -357,7 +357,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
             distributed.broadcast_buffers(model)  # BatchNorm statistics: each process saw its own shard
             improved = True
             if val_loader is not None:
-                accuracy, nll = validate(model, val_loader)
+                accuracy, nll = compilation.call(validate, model, val_loader)
                 record.update(val_accuracy=accuracy, val_loss=nll)
                 improved = result.best_val_accuracy is None or accuracy > result.best_val_accuracy
             if improved:
