@@ -12,26 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_hostile_runs import DIGITS, FAST, RUN, refused
 
 from kdistill.cli import main
 from kdistill.errors import KdistillError
 from kdistill.train.devices import check_precision, resolve_device
 
-DIGITS = "recipes/digits_quick.yaml"
-FAST = ["teacher.train.epochs=1", "train.epochs=1", "eval.latency_repeats=1", "threads=1"]
-RUN = "digits_quick"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-
-
-def refused(capsys, argv, expected: str) -> str:
-    capsys.readouterr()
-    code = main([*argv, "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("kdistill: error: ") and len(err.splitlines()) == 1, err
-    assert expected in err, err
-    return err
 
 
 # -- bad input: one line, exit code 2, nothing written -----------------------------------------

@@ -160,6 +160,7 @@ class RunningSums:
         self.names = names
         self.sums = torch.zeros(2 + len(names), dtype=_sum_dtype(device), device=device)  # loss, correct, terms
         self.first_bad = torch.full((1 + len(names),), self.NEVER, dtype=torch.int64, device=device)
+        self._never = self.first_bad.clone()  # made once: `add` runs every step
         self.samples = 0  # on the host: a tensor made from a number each step would be a copy to the device
 
     def add(self, step: int, loss: Tensor, logits: Tensor, labels: Tensor, terms: dict[str, Tensor]) -> None:
@@ -167,8 +168,7 @@ class RunningSums:
         n = labels.shape[0]
         correct = (logits.detach().argmax(1) == labels).sum().to(values.dtype).reshape(1)
         self.sums += torch.cat([values[:1] * n, correct, values[1:] * n])
-        never = torch.full_like(self.first_bad, self.NEVER)
-        self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(values), never, step))
+        self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(values), self._never, step))
         self.samples += n
 
     def totals(self) -> dict[str, Tensor]:
@@ -331,7 +331,8 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                     loss, logits, terms = compilation.call(step_function, inputs, labels, index)
                 # Each process's share of an unevenly split global batch weighs its mean loss, so that
                 # DDP's mean of the processes' gradients is the gradient of the global batch's mean loss.
-                _optimize(loss * getattr(batch, "share", 1.0), optimizer, scaler, cfg.grad_clip)
+                share = getattr(batch, "share", 1.0)
+                _optimize(loss if share == 1.0 else loss * share, optimizer, scaler, cfg.grad_clip)
                 meter.add(step, loss, logits, labels, terms)
                 done = step_in_epoch + 1
                 if done % cfg.log_every_steps == 0 and done < steps_per_epoch:
