@@ -90,8 +90,11 @@ class Pipeline:
         for key, train in trained:
             check_precision(train.precision, self.device, f"{key}.precision")
             _check_batch_split(train.batch_size, f"{key}.batch_size")
-        self.data = load_data(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.data.split_seed,
-                              cfg.data.download)
+        data = cfg.data
+        self.data = load_data(data.name, data.root, data.val_size, data.split_seed, data.download,
+                              channels=data.channels, image_size=data.image_size, test_size=data.test_size,
+                              max_val_size=data.max_val_size)
+        self.progress.line(f"data: {self.data.describe()}")
         self._check_against_data()
         self._models: dict[str, nn.Module] = {}
         self.specs = {role: (cfg.teacher if role == "teacher" else cfg.student) for role in ROLES}
@@ -453,7 +456,7 @@ class Pipeline:
                                 "or set teacher.checkpoint")
         models = {role: self.model(role) for role in ROLES if self.available(role)}
         test, val = self.loader("test"), self.loader("val")
-        metrics: dict = {}
+        metrics: dict = {"data": self.data.summary()}
         correct = {}
         teacher_predictions = None
         for role, model in models.items():
@@ -540,8 +543,7 @@ class Pipeline:
         lines = [
             f"run folder: {self.run_dir} "
             f"({', '.join(f'{r} done' for r in ROLES if self.done(r)) or 'nothing trained yet'})",
-            f"data: {data.name}, {len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test, "
-            f"{'x'.join(map(str, data.input_shape))}, {data.num_classes} classes",
+            f"data: {data.describe()}",
         ]
         for role in ("teacher", "student"):
             spec = self.specs[role]

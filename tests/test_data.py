@@ -17,8 +17,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdistill.data import DATASETS, Augment, BatchLoader, ImageSet, download, load_data, mnist, register_dataset
+from kdistill.data import (
+    DATASETS,
+    Augment,
+    BatchLoader,
+    DataRequest,
+    ImageSet,
+    download,
+    load_data,
+    mnist,
+    register_dataset,
+)
 from kdistill.data.idx import read_idx
+from kdistill.data.registry import convert
 from kdistill.errors import KdistillError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -135,7 +146,7 @@ def test_fashion_mnist_splits(fashion):
 
 
 def test_fashion_mnist_split_is_seeded_partition(fashion):
-    full_train, _, _ = DATASETS["fashion_mnist"].loader(None, False)
+    full_train = DATASETS["fashion_mnist"].loader(DataRequest(download=False)).train
     assert_partition([fashion.train, fashion.val], full_train)
     same = load_data("fashion_mnist", split_seed=0, download=False)
     assert torch.equal(same.val.images, fashion.val.images)
@@ -215,9 +226,65 @@ def test_bad_val_size(val_size):
         load_data("digits", val_size=val_size)
 
 
+def test_val_size_is_a_count_or_a_capped_fraction():
+    assert len(load_data("digits", val_size=0.1).val) == 150  # 10 % of 1,500
+    assert len(load_data("digits", val_size=0.1, max_val_size=100).val) == 100
+    assert len(load_data("digits", val_size=0.5, max_val_size=None).val) == 750
+    assert len(load_data("digits", val_size=42).val) == 42
+    with pytest.raises(KdistillError, match="val_size=2000 asks for 2000 validation images but digits has only 1500"):
+        load_data("digits", val_size=2000)
+
+
+def test_a_root_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(KdistillError, match=f"data.root: {tmp_path}/nowhere does not exist"):
+        load_data("fashion_mnist", root=str(tmp_path / "nowhere"), download=False)
+
+
+def test_a_root_is_the_only_place_looked(tmp_path):
+    """An empty data.root must not fall back to the system's copy: the user named where the data is."""
+    with pytest.raises(KdistillError, match=f"not found in {tmp_path}/fashion_mnist, {tmp_path} and download is off"):
+        load_data("fashion_mnist", root=str(tmp_path), download=False)
+
+
+def test_the_splits_say_where_they_came_from(tmp_path):
+    write_fake_mnist(tmp_path / "mnist", gz=False)
+    splits = load_data("mnist", root=str(tmp_path), val_size=10, download=False)
+    assert splits.sources == [str(tmp_path / "mnist" / name) for name in IDX_FILES]
+    summary = splits.summary()
+    assert summary["sizes"] == {"train": 30, "val": 10, "test": 10}
+    assert summary["input_shape"] == [1, 28, 28] and summary["num_classes"] == 10
+    line = splits.describe()
+    assert line.startswith("mnist: 30 train / 10 val / 10 test, 1x28x28, 10 classes, from ")
+    assert "and 2 more" in line
+    assert "scikit-learn" in load_data("digits").describe()
+
+
+def test_channels_and_image_size_convert_every_split():
+    grey = load_data("digits", val_size=100)
+    rgb = load_data("digits", val_size=100, channels=3, image_size=16)
+    assert rgb.input_shape == (3, 16, 16) and rgb.test.images.shape[1:] == (3, 16, 16)
+    assert torch.equal(rgb.train.images[:, 0], rgb.train.images[:, 2])  # grey repeated
+    assert torch.equal(rgb.train.labels, grey.train.labels)
+    # A uniform image stays uniform through the resize; RGB -> grey uses luma weights.
+    flat = ImageSet(torch.full((2, 3, 4, 4), 200, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+    assert torch.all(convert(flat, 1, 9).images == 200) and convert(flat, 1, 9).images.shape == (2, 1, 9, 9)
+    red = ImageSet(torch.zeros(1, 3, 2, 2, dtype=torch.uint8).index_fill_(1, torch.tensor([0]), 255),
+                   torch.zeros(1, dtype=torch.long))
+    assert torch.all(convert(red, 1, None).images == 76)  # round(0.299 * 255)
+    assert convert(flat, None, None) is flat
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("channels", 2, "channels must be 1 .*, 3 .* or null"), ("image_size", 0, "image_size must be"),
+    ("val_size", 1.0, "val_size must be a count"), ("test_size", -0.5, "test_size must be a count")])
+def test_bad_shape_options(option, value, message):
+    with pytest.raises(KdistillError, match=message):
+        load_data("digits", **{option: value})
+
+
 def test_registered_loader_is_checked():
     @register_dataset("test_bad_labels", "labels outside the class list")
-    def bad(root, download):
+    def bad(request):
         data = fake_set(20)
         return data, data, ["a", "b"]
     try:

@@ -117,7 +117,7 @@ def image_set(n: int, size: int = 8, classes: int = 2) -> ImageSet:
 def loader():
     """Register a loader returning `result` as data set 'test_hostile', for one test."""
     def register(result):
-        register_dataset("test_hostile", "returns whatever the test gives")(lambda root, download: result)
+        register_dataset("test_hostile", "returns whatever the test gives")(lambda request: result)
     yield register
     DATASETS.pop("test_hostile", None)
 
@@ -127,7 +127,7 @@ CLASSES = ["a", "b"]
 
 
 @pytest.mark.parametrize("result, message", [
-    (None, "its loader must return \\(train ImageSet, test ImageSet, class names\\), got NoneType"),
+    (None, "its loader must return LoadedData\\(train, test, classes, sources\\) or .* got NoneType"),
     ((TRAIN, TRAIN), "its loader must return .* got tuple"),
     ((TRAIN, "test.bin", CLASSES), "returned a str as the test split"),
     ((TRAIN, TRAIN, "ab"), "class names must be a list of strings, got 'ab'"),

@@ -11,8 +11,8 @@
 from kdistill.data import digits, mnist  # noqa: F401  (importing registers the data sets)
 from kdistill.data.augment import Augment
 from kdistill.data.loader import Batch, BatchLoader
-from kdistill.data.registry import DATASETS, DatasetInfo, load_data, register_dataset
+from kdistill.data.registry import DATASETS, DataRequest, DatasetInfo, LoadedData, load_data, register_dataset
 from kdistill.data.sets import DataSplits, ImageSet
 
-__all__ = ["DATASETS", "Augment", "Batch", "BatchLoader", "DataSplits", "DatasetInfo", "ImageSet",
-           "load_data", "register_dataset"]
+__all__ = ["DATASETS", "Augment", "Batch", "BatchLoader", "DataRequest", "DataSplits", "DatasetInfo", "ImageSet",
+           "LoadedData", "load_data", "register_dataset"]

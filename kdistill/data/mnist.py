@@ -1,7 +1,9 @@
 """MNIST-format data sets (28x28 greyscale, 60k train / 10k test, four IDX files each).
 
-Files are looked for under the root (default ~/.cache/kdistill/data), then in Debian's
-dataset package folder, and only then downloaded from the official mirror with MD5 checks.
+Files are looked for in `data.root` (or its `<name>/` sub-folder) when it is set, and nowhere
+else: a root that holds no copy is downloaded into, never silently replaced by another copy.
+Without a root: ~/.cache/kdistill/data, then Debian's dataset package folder, then the
+official mirror (with MD5 checks).
 """
 
 from dataclasses import dataclass
@@ -10,11 +12,10 @@ from pathlib import Path
 
 from kdistill.data.download import fetch
 from kdistill.data.idx import find_idx, read_idx
-from kdistill.data.registry import register_dataset
+from kdistill.data.registry import DEFAULT_ROOT, DataRequest, LoadedData, register_dataset
 from kdistill.data.sets import ImageSet
 from kdistill.errors import KdistillError
 
-DEFAULT_ROOT = Path("~/.cache/kdistill/data").expanduser()
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -28,8 +29,8 @@ class IdxSource:
     system_dirs: tuple[Path, ...] = ()
     apt_package: str | None = None
 
-    def load(self, root: Path | None, download_ok: bool) -> tuple[ImageSet, ImageSet]:
-        directory = self._locate(root, download_ok)
+    def load(self, request: DataRequest, classes: list[str]) -> LoadedData:
+        directory = self._locate(request.root, request.download)
         paths = [find_idx(directory, f) for f in FILES]
         train_x, train_y, test_x, test_y = (read_idx(p) for p in paths)
         for images, labels, image_path, label_path in ((train_x, train_y, *paths[:2]), (test_x, test_y, *paths[2:])):
@@ -37,13 +38,13 @@ class IdxSource:
                 raise KdistillError(f"{image_path} {list(images.shape)} and {label_path} {list(labels.shape)} are not "
                                     "matching [N, H, W] images and [N] labels; replace them with the original files")
         # IDX images are [N, H, W]; add the channel axis. Labels widen to int64 for loss functions.
-        return (ImageSet(train_x.unsqueeze(1), train_y.long()),
-                ImageSet(test_x.unsqueeze(1), test_y.long()))
+        return LoadedData(ImageSet(train_x.unsqueeze(1), train_y.long()), ImageSet(test_x.unsqueeze(1), test_y.long()),
+                          classes, sources=[str(p) for p in paths])
 
     def _locate(self, root: Path | None, download_ok: bool) -> Path:
         """The first folder holding all four files, downloading into root/<name>/ if none does."""
+        looked = [root / self.name, root] if root else [DEFAULT_ROOT / self.name, DEFAULT_ROOT, *self.system_dirs]
         root = root or DEFAULT_ROOT
-        looked = [root / self.name, root, *self.system_dirs]
         for directory in looked:
             if all(find_idx(directory, f) for f in FILES):
                 return directory
@@ -52,7 +53,8 @@ class IdxSource:
         places = ", ".join(str(p) for p in looked)
         fix = f"put the four IDX files ({', '.join(FILES)}, optionally .gz) in {target}/"
         if self.apt_package:
-            fix = f"install it with `apt-get install {self.apt_package}` or {fix}"
+            unset = " and leave data.root unset" if looked[0] != DEFAULT_ROOT / self.name else ""
+            fix = f"install it with `apt-get install {self.apt_package}`{unset}, or {fix}"
         if not download_ok:
             raise KdistillError(f"{self.name}: not found in {places} and download is off; {fix}")
         try:
@@ -88,19 +90,16 @@ KMNIST = IdxSource(
 
 
 @register_dataset("fashion_mnist", "Fashion-MNIST: 28x28 greyscale clothing photos, 10 classes, 60k train / 10k test")
-def load_fashion_mnist(root: Path | None, download: bool) -> tuple[ImageSet, ImageSet, list[str]]:
-    train, test = FASHION_MNIST.load(root, download)
-    return train, test, ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+def load_fashion_mnist(request: DataRequest) -> LoadedData:
+    return FASHION_MNIST.load(request, ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"])
 
 
 @register_dataset("mnist", "MNIST: 28x28 greyscale handwritten digits, 10 classes, 60k train / 10k test")
-def load_mnist(root: Path | None, download: bool) -> tuple[ImageSet, ImageSet, list[str]]:
-    train, test = MNIST.load(root, download)
-    return train, test, [str(d) for d in range(10)]
+def load_mnist(request: DataRequest) -> LoadedData:
+    return MNIST.load(request, [str(d) for d in range(10)])
 
 
 @register_dataset("kmnist", "Kuzushiji-MNIST: 28x28 greyscale cursive Japanese characters, 10 classes, 60k / 10k")
-def load_kmnist(root: Path | None, download: bool) -> tuple[ImageSet, ImageSet, list[str]]:
-    train, test = KMNIST.load(root, download)
-    return train, test, ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
+def load_kmnist(request: DataRequest) -> LoadedData:
+    return KMNIST.load(request, ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"])

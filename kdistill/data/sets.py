@@ -3,7 +3,7 @@
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,9 +19,9 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         # Loaders can be registered by users, so check the contract once here rather than on the hot path.
-        for field, value in (("images", self.images), ("labels", self.labels)):
+        for name, value in (("images", self.images), ("labels", self.labels)):
             if not isinstance(value, torch.Tensor):
-                raise KdistillError(f"ImageSet {field} must be a torch.Tensor, got {type(value).__name__}; "
+                raise KdistillError(f"ImageSet {name} must be a torch.Tensor, got {type(value).__name__}; "
                                     "convert them in the data set loader (torch.from_numpy)")
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise KdistillError(f"ImageSet images must be uint8 [N, C, H, W], got {self.images.dtype} "
@@ -49,6 +49,7 @@ class DataSplits:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    sources: list[str] = field(default_factory=list)  # the files read, as the loader reported them
 
     @property
     def num_classes(self) -> int:
@@ -58,6 +59,19 @@ class DataSplits:
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
         return tuple(self.train.images.shape[1:])
+
+    def summary(self) -> dict:
+        """Where the data came from and how it was split: the head of every run log and of metrics.json."""
+        return {"name": self.name, "sources": list(self.sources),
+                "sizes": {split: len(data) for split, data in self._splits()},
+                "num_classes": self.num_classes, "classes": list(self.classes),
+                "input_shape": list(self.input_shape)}
+
+    def describe(self) -> str:
+        """`summary` in one line."""
+        sizes = " / ".join(f"{len(data):,} {split}" for split, data in self._splits())
+        shape = "x".join(map(str, self.input_shape))
+        return f"{self.name}: {sizes}, {shape}, {self.num_classes} classes, from {_sources_text(self.sources)}"
 
     def digest(self) -> str:
         """SHA-256 (hex) of the name, class names, and every split's images and labels (shapes, dtypes, bytes).
@@ -97,3 +111,10 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         means.append(float(mean))
         stds.append(math.sqrt(float(var)))
     return tuple(means), tuple(stds)
+
+
+def _sources_text(sources: list[str], shown: int = 2) -> str:
+    if not sources:
+        return "(no files: built in)"
+    more = len(sources) - shown
+    return ", ".join(sources[:shown]) + (f" and {more} more" if more > 0 else "")

@@ -36,4 +36,7 @@ def learning_rate(cfg, step: int, steps_per_epoch: int) -> float:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if cfg.schedule == "step":
         return cfg.lr * cfg.step_gamma ** (step // (cfg.step_epochs * steps_per_epoch))
+    if cfg.schedule == "multistep":
+        passed = sum(step >= milestone * steps_per_epoch for milestone in cfg.milestones)
+        return cfg.lr * cfg.step_gamma ** passed
     return cfg.lr
