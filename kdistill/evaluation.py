@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,12 +20,22 @@ WARMUP_CALLS = 3
 # A teacher's lead over the baseline counts only beyond this many standard deviations of the
 # paired (McNemar) noise: below it, the gap recovered is a ratio of noise.
 GAP_SIGMAS = 2.0
+BUSY_SPREAD = 0.15  # interquartile range over the median beyond which a latency is called noisy
+BUSY_LOAD = 1.5  # load average per CPU beyond which other work competed with the timing
+
+
+class Latency(NamedTuple):
+    """Per model, per batch key ("batch_1", ...): the median forward time in ms, and its spread
+    (interquartile range over the median: 0.05 = the middle half of the rounds lie within 5 %)."""
+
+    median: dict[str, dict[str, float]]
+    spread: dict[str, dict[str, float]]
 
 
 @torch.inference_mode()
 def latency_ms(models: Mapping[str, nn.Module], input_shape: Sequence[int], batch_sizes: Sequence[int],
-               repeats: int = 30) -> dict[str, dict[str, float]]:
-    """Median wall time of one forward pass per model and batch size, in milliseconds.
+               repeats: int = 30) -> Latency:
+    """Median wall time of one forward pass per model and batch size, in milliseconds, with its spread.
 
     The models are timed in interleaved rounds (each round times every model once, starting
     with a different model each round), so a slow moment of the machine, a warming cache or
@@ -33,7 +44,7 @@ def latency_ms(models: Mapping[str, nn.Module], input_shape: Sequence[int], batc
     """
     modes = {name: model.training for name, model in models.items()}
     names = list(models)
-    result: dict[str, dict[str, float]] = {name: {} for name in names}
+    result = Latency({name: {} for name in names}, {name: {} for name in names})
     try:
         timers = {}
         for name, model in models.items():
@@ -52,11 +63,47 @@ def latency_ms(models: Mapping[str, nn.Module], input_shape: Sequence[int], batc
                     name = names[(round_ + k) % len(names)]
                     times[name].append(timers[name][i].timeit(1).median)
             for name in names:
-                result[name][f"batch_{batch}"] = 1000 * statistics.median(times[name])
+                median = statistics.median(times[name])
+                result.median[name][f"batch_{batch}"] = 1000 * median
+                result.spread[name][f"batch_{batch}"] = _interquartile_range(times[name]) / median
     finally:
         for name, model in models.items():
             model.train(modes[name])
     return result
+
+
+def _interquartile_range(values: Sequence[float]) -> float:
+    if len(values) < 4:
+        return max(values) - min(values)
+    quartiles = statistics.quantiles(values, n=4)
+    return quartiles[2] - quartiles[0]
+
+
+def machine_load() -> dict:
+    """The 1-minute load average and the CPU count, to tell timings on a busy machine apart."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this system
+        load = None
+    return {"load_average": load, "cpus": os.cpu_count()}
+
+
+def busy_latency_note(metrics: dict) -> str | None:
+    """A sentence when the latencies in `metrics` were measured on a loaded machine, else None.
+
+    Loaded: the middle half of the rounds spread over more than BUSY_SPREAD of the median for
+    some model, or other work kept the load average above BUSY_LOAD x the CPU count.
+    """
+    spreads = [spread for role in metrics.values() if isinstance(role, dict)
+               for spread in role.get("latency_spread", {}).values()]
+    machine = metrics.get("latency_machine") or {}
+    load, cpus = machine.get("load_average"), machine.get("cpus")
+    loaded = load is not None and cpus and load > BUSY_LOAD * cpus
+    if not spreads or not (max(spreads) > BUSY_SPREAD or loaded):
+        return None
+    where = f"load average {load:.1f} on {cpus} CPUs, " if load is not None and cpus else ""
+    return (f"latency measured on a busy machine ({where}rounds spread up to {100 * max(spreads):.0f} % of the "
+            "median): the CPU figures are rough; time again on a quiet machine to compare them")
 
 
 class TestResult(NamedTuple):
@@ -71,14 +118,20 @@ def model_metrics(model: nn.Module, test_loader, *, teacher_predictions: Tensor 
     result = evaluate(model, test_loader, precision)
     predictions = result.logits.argmax(1)
     agreement = 1.0 if teacher_predictions is None else (predictions == teacher_predictions).float().mean().item()
+    correct = predictions == result.labels
+    classes = int(result.logits.shape[1])
+    per_class = torch.zeros(classes, dtype=torch.float64).index_add_(0, result.labels, correct.double())
+    counts = torch.bincount(result.labels, minlength=classes).double()
     metrics = {
         "test_accuracy": result.accuracy,
+        "class_accuracy": [None if n == 0 else hit / n  # None: a class absent from the test set
+                           for hit, n in zip(per_class.tolist(), counts.tolist(), strict=True)],
         "test_nll": result.nll,
         "agreement": agreement,
         "params": count_parameters(model),
         "checkpoint_bytes": checkpoint.stat().st_size if checkpoint and checkpoint.exists() else None,
     }
-    return TestResult(metrics, predictions, predictions == result.labels)
+    return TestResult(metrics, predictions, correct)
 
 
 def gap_recovered(teacher_correct: Tensor, baseline_correct: Tensor,

@@ -41,7 +41,7 @@ from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller, cached_teacher_logits
 from kdistill.distill.signals import check_cache_dir, default_cache_dir, weights_digest
 from kdistill.errors import KdistillError
-from kdistill.evaluation import gap_recovered, latency_ms, model_metrics
+from kdistill.evaluation import gap_recovered, latency_ms, machine_load, model_metrics
 from kdistill.losses import build_objective, cross_entropy_objective
 from kdistill.models import count_parameters, create_model, output_classes
 from kdistill.report import ROLES, comparison_table, write_report
@@ -480,13 +480,16 @@ class Pipeline:
         # On the CPU (what a small deployment runs on) always; on the training GPU as well.
         on_cpu = {role: copy.deepcopy(model).cpu() for role, model in models.items()} \
             if self.device.type != "cpu" else models
-        for role, latency in latency_ms(on_cpu, self.data.input_shape, batches, cfg.eval.latency_repeats).items():
-            metrics[role]["latency_ms"] = latency
+        metrics["latency_machine"] = machine_load()  # before timing: the load of what ran meanwhile
+        timings = latency_ms(on_cpu, self.data.input_shape, batches, cfg.eval.latency_repeats)
+        for role in models:
+            metrics[role]["latency_ms"] = timings.median[role]
+            metrics[role]["latency_spread"] = timings.spread[role]
         metrics["latency_device"] = "cpu"
         if self.device.type != "cpu":
             timings = latency_ms(models, self.data.input_shape, batches, cfg.eval.latency_repeats)
-            for role, latency in timings.items():
-                metrics[role]["gpu_latency_ms"] = latency
+            for role in models:
+                metrics[role]["gpu_latency_ms"] = timings.median[role]
             metrics["gpu_latency_device"] = device_name(self.device)
         if {"teacher", "baseline", "student"} <= metrics.keys():
             metrics["gap_recovered"], metrics["gap_recovered_note"] = gap_recovered(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from kdistill.errors import KdistillError
+from kdistill.evaluation import busy_latency_note
 from kdistill.storage import atomic_write, atomic_write_text
 
 ROLES = ("teacher", "baseline", "student")
@@ -47,16 +48,50 @@ def comparison_table(metrics: dict) -> str:
     return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
 
 
-def write_report(run_dir: Path, metrics: dict, config_yaml: str) -> None:
+def result_lines(metrics: dict) -> list[str]:
+    """What the comparison table cannot say: the gap recovered (or why it is undefined), noisy latencies."""
     gap = metrics.get("gap_recovered")
+    note = metrics.get("gap_recovered_note")
+    lines = []
+    if gap is not None:
+        lines.append(f"gap recovered: {gap:.3f} of the teacher's lead over the baseline ({note})")
+    elif note:
+        lines.append(f"gap recovered: {note}")
+    busy = busy_latency_note(metrics)
+    if busy:
+        lines.append(f"note: {busy}")
+    return lines
+
+
+def data_line(metrics: dict) -> str | None:
+    data = metrics.get("data")
+    if not isinstance(data, dict):
+        return None
+    sizes = " / ".join(f"{n:,} {split}" for split, n in data["sizes"].items())
+    shape = "x".join(map(str, data["input_shape"]))
+    return f"Data: {data['name']}, {sizes}, {shape}, {data['num_classes']} classes; read from " \
+           f"{', '.join(f'`{source}`' for source in data['sources']) or 'built-in data'}."
+
+
+def class_table(metrics: dict) -> str | None:
+    """Test accuracy per class and model (Markdown), when the metrics hold it."""
+    data = metrics.get("data")
+    roles = [role for role in ROLES if "class_accuracy" in metrics.get(role, {})]
+    if not isinstance(data, dict) or not roles:
+        return None
+    rows = [["class", *(ROLE_TITLES[role] for role in roles)], ["---"] * (len(roles) + 1)]
+    for i, name in enumerate(data["classes"]):
+        rows.append([name, *(_percent(metrics[role]["class_accuracy"][i]) for role in roles)])
+    return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
+
+
+def write_report(run_dir: Path, metrics: dict, config_yaml: str) -> None:
     lines = [
         f"# kdistill run `{run_dir.name}`",
         "",
         comparison_table(metrics),
         "",
-        f"Gap recovered, (student - baseline) / (teacher - baseline) in test accuracy: "
-        f"{'–' if gap is None else f'{gap:.3f}'}"
-        f"{f' ({note})' if (note := metrics.get('gap_recovered_note')) else ''}.",
+        *[f"{line[0].upper()}{line[1:]}." for line in result_lines(metrics)],
         "",
         f"Latency: median forward time on the {metrics.get('latency_device', 'cpu').upper()}"
         + (f" and on the GPU {metrics['gpu_latency_device']} (warmed up, synchronised)"
@@ -68,11 +103,13 @@ def write_report(run_dir: Path, metrics: dict, config_yaml: str) -> None:
     if overhead is not None:
         lines += [f"Distillation epoch time / baseline epoch time (medians): {overhead:.3f} "
                   f"(teacher signal: {metrics.get('teacher_signal', '?')}).", ""]
+    lines += ["Model selection used the validation split only; the test set was evaluated once, at the end.", ""]
+    if (line := data_line(metrics)) is not None:
+        lines += [line, ""]
+    lines += ["![curves](curves.png)", ""]
+    if (table := class_table(metrics)) is not None:
+        lines += ["## Test accuracy per class", "", table, ""]
     lines += [
-        "Model selection used the validation split only; the test set was evaluated once, at the end.",
-        "",
-        "![curves](curves.png)",
-        "",
         "## Config",
         "",
         "```yaml",

@@ -407,7 +407,8 @@ def test_latency_is_measured_in_interleaved_rounds():
 
     models = {"a": Recorder("a"), "b": Recorder("b"), "c": Recorder("c")}
     result = latency_ms(models, (1, 2, 2), [1], repeats=6)
-    assert set(result) == {"a", "b", "c"} and all(r["batch_1"] > 0 for r in result.values())
+    assert set(result.median) == {"a", "b", "c"} and all(r["batch_1"] > 0 for r in result.median.values())
+    assert all(r["batch_1"] >= 0 for r in result.spread.values())
     # Each measurement is Timer.timeit(1): two warm-up calls, then the timed one.
     timed = calls[-54:][2::3]  # after the first warm-up: rounds of three, each model in every position
     assert [sorted(timed[i:i + 3]) for i in range(0, 18, 3)] == [["a", "b", "c"]] * 6

@@ -46,6 +46,18 @@ def test_run_writes_everything(finished_run, soft_label_cache, capsys):
     assert len(list(soft_label_cache.glob("*.safetensors"))) == 1
     report = (run / "report.md").read_text()
     assert "student distilled" in report and "student from scratch" in report and "Gap recovered" in report
+    # Where the data came from and how it was split, said in metrics.json and the report.
+    data = metrics["data"]
+    assert data["sizes"] == {"train": 1200, "val": 300, "test": 297}
+    assert data["name"] == "digits" and data["num_classes"] == 10 and data["input_shape"] == [1, 8, 8]
+    assert data["sources"][0].startswith("scikit-learn ") and data["classes"] == [str(d) for d in range(10)]
+    assert "Data: digits, 1,200 train / 300 val / 297 test" in report and "## Test accuracy per class" in report
+
+
+def test_the_log_opens_with_the_data(tmp_path, soft_label_cache, capsys):
+    assert run_cli(tmp_path, "train") == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("data: digits: 1,200 train / 300 val / 297 test, 1x8x8, 10 classes, from scikit-learn")
 
 
 def test_same_command_twice_gives_the_same_numbers(finished_run, tmp_path):
