@@ -282,6 +282,26 @@ def test_bad_shape_options(option, value, message):
         load_data("digits", **{option: value})
 
 
+def test_a_data_set_registered_by_a_module_named_in_the_recipe(tmp_path, monkeypatch):
+    (tmp_path / "my_scans.py").write_text(
+        "import torch\n"
+        "from kdistill.data import ImageSet, LoadedData, register_dataset\n"
+        "@register_dataset('my_scans', 'test data')\n"
+        "def load(request):\n"
+        "    data = ImageSet(torch.zeros(20, 1, 4, 4, dtype=torch.uint8), torch.arange(20) % 2)\n"
+        "    return LoadedData(data, data, ['a', 'b'], sources=['made up'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        splits = load_data("my_scans:my_scans", val_size=5)
+        assert splits.name == "my_scans" and len(splits.train) == 15 and splits.sources == ["made up"]
+        with pytest.raises(KdistillError, match="registered no data set 'other'"):
+            load_data("my_scans:other")
+        with pytest.raises(KdistillError, match="cannot import no_such_module"):
+            load_data("no_such_module:x")
+    finally:
+        DATASETS.pop("my_scans", None)
+
+
 def test_registered_loader_is_checked():
     @register_dataset("test_bad_labels", "labels outside the class list")
     def bad(request):

@@ -12,6 +12,7 @@ otherwise `load_data` converts the uint8 tensors afterwards.
 """
 
 import difflib
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ def load_data(name: str, root: str | Path | None = None, val_size: int | float =
     gives the same split. `channels` and `image_size` convert every image (1 or 3 channels, a
     square side in pixels). `mean`/`std` describe the remaining train split.
     """
+    name = _registered_name(name)
     if name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         close = difflib.get_close_matches(name, DATASETS, n=1)
@@ -121,6 +123,27 @@ def load_data(name: str, root: str | Path | None = None, val_size: int | float =
     train = train_full.subset(order[count:].sort().values)
     mean, std = channel_stats(train.images)
     return DataSplits(name, train, val, test, list(loaded.classes), mean, std, sources=list(loaded.sources))
+
+
+def _registered_name(name: str) -> str:
+    """`module.path:name` imports the module (which registers data set `name`) and gives `name`.
+
+    Only a name registered by `register_dataset` is then used: nothing the recipe names is called.
+    """
+    if ":" not in name:
+        return name
+    module, _, registered = name.partition(":")
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        raise KdistillError(f"data set {name!r}: cannot import {module} ({error}); is it on PYTHONPATH?") from error
+    except Exception as error:  # the module's top-level code failed
+        raise KdistillError(f"data set {name!r}: importing {module} failed ({type(error).__name__}: {error}); "
+                            "fix the module") from error
+    if registered not in DATASETS:
+        raise KdistillError(f"data set {name!r}: importing {module} registered no data set {registered!r}; "
+                            f"decorate its loader with @register_dataset({registered!r}, ...)")
+    return registered
 
 
 def split_count(size: int | float, total: int, cap: int | None = None) -> int:
