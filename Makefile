@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is a CPU build (on this machine's local disk); see README for CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-DEMO_RECIPE ?= recipes/seed_fashion_mnist.yaml
+DEMO_RECIPE ?= recipes/demo_fashion_mnist.yaml
 # glibc returns freed memory to the OS too eagerly for training loops: thousands of page faults per step.
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
