@@ -8,7 +8,7 @@
         for inputs, labels, index in loader: ...
 """
 
-from kdistill.data import cifar, digits, mnist, npz  # noqa: F401  (importing registers the data sets)
+from kdistill.data import cifar, digits, image_folder, mnist, npz  # noqa: F401  (importing registers the data sets)
 from kdistill.data.augment import Augment
 from kdistill.data.loader import Batch, BatchLoader
 from kdistill.data.registry import DATASETS, DataRequest, DatasetInfo, LoadedData, load_data, register_dataset
