@@ -219,8 +219,14 @@ def check_training(train: DictConfig, prefix: str) -> None:
     _in_range(train.early_stop_patience, key("early_stop_patience"), 1, MAX_COUNT, null_ok=True)
     _in_range(train.log_every_steps, key("log_every_steps"), 1, 10**9)
     _in_range(train.checkpoint_every_steps, key("checkpoint_every_steps"), 1, 10**9, null_ok=True)
+    milestones = list(train.milestones)
+    for i, epoch in enumerate(milestones):
+        _in_range(epoch, key(f"milestones[{i}]"), 1, train.epochs)
+    _check(milestones == sorted(set(milestones)), key("milestones"), f"must be increasing epochs, got {milestones}")
+    _check(train.schedule != "multistep" or bool(milestones), key("milestones"),
+           "the multistep schedule needs epochs to decay at, e.g. [150, 180, 210]")
     for name, allowed in (("optimizer", ("sgd", "adam", "adamw")),
-                          ("schedule", ("none", "cosine", "step")),
+                          ("schedule", ("none", "cosine", "step", "multistep")),
                           ("precision", PRECISIONS)):
         value = train[name]
         _check(value in allowed, key(name), f"{value!r} is not one of {', '.join(allowed)}")
@@ -260,7 +266,13 @@ def validate(cfg: DictConfig) -> None:
            f"{cfg.data.on_device!r} must be auto, true or false")
     check_training(cfg.train, "train")
     check_training(cfg.teacher.train, "teacher.train")
-    _in_range(cfg.data.val_size, "data.val_size", 1, 10**9)
+    for key in ("val_size", "test_size"):
+        size = cfg.data[key]
+        _check((is_number(size) and isinstance(size, int) and size >= 1) or (isinstance(size, float) and 0 < size < 1),
+               f"data.{key}", f"must be a count (a positive integer) or a fraction between 0 and 1, got {size!r}")
+    _in_range(cfg.data.max_val_size, "data.max_val_size", 1, 10**9, null_ok=True)
+    _check(cfg.data.channels in (None, 1, 3), "data.channels", f"must be 1, 3 or null, got {cfg.data.channels!r}")
+    _in_range(cfg.data.image_size, "data.image_size", 1, 4096, null_ok=True)
     _in_range(cfg.data.split_seed, "data.split_seed", 0, MAX_SEED)
     _in_range(cfg.distill.temperature, "distill.temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
     _in_range(cfg.eval.batch_size, "eval.batch_size", 1, MAX_BATCH)

@@ -17,11 +17,16 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"
-    root: Optional[str] = None  # where to look for (and download) data; None = ~/.cache/kdistill/data
-    val_size: int = 5000  # validation images carved from the training set
-    split_seed: int = 0  # seed of that carving; fixed so every run sees the same split
-    download: bool = True
+    name: str = "fashion_mnist"  # a registered data set (`kdistill list datasets`)
+    # The data's folder (or file, for npz); only there is looked; None = ~/.cache/kdistill/data, then system copies
+    root: Optional[str] = None
+    val_size: Any = 0.1  # validation images carved from the training set: a count, or a fraction (capped below)
+    max_val_size: Optional[int] = 5000  # cap on a fractional val_size; None = no cap
+    test_size: Any = 0.2  # for data without a test split (image_folder): a count or a fraction, fixed seed
+    split_seed: int = 0  # seed of the validation carving; fixed so every run sees the same split
+    download: bool = True  # may a missing data set be downloaded (with checksums)?
+    channels: Optional[int] = None  # 1 (greyscale) or 3 (RGB); None = as stored
+    image_size: Optional[int] = None  # resize images to this square side in pixels; None = as stored
     # Keep the uint8 images on the training device and build batches there (no copy per step):
     # auto = when they take under a quarter of its free memory; false = pinned host batches.
     on_device: Any = "auto"
@@ -36,8 +41,9 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0
-    schedule: str = "none"  # none | cosine | step (per optimisation step)
+    schedule: str = "none"  # none | cosine | step | multistep (per optimisation step)
     step_epochs: int = 30  # step schedule: multiply lr by step_gamma every step_epochs
+    milestones: List[int] = field(default_factory=list)  # multistep schedule: multiply lr by step_gamma at these epochs
     step_gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up, in epochs
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
