@@ -15,9 +15,14 @@ from kdistill.errors import KdistillError
 EXIT_BAD_INPUT = 2  # kdistill.train.distributed.launch relies on it
 
 
+RECIPE_HELP = ("RECIPE is a YAML file or the name of a built-in recipe (`kdistill list recipes`); `kdistill config "
+               "RECIPE [key=value ...]` prints every key with its help. Overriding student.name or teacher.name "
+               "drops the recipe's kwargs for the old model; distill.losses.<term>=null removes a loss term.")
+
+
 def _recipe_command(sub, name: str, help_text: str, *, retrains: bool = False) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text)
-    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
+    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=RECIPE_HELP)
+    parser.add_argument("recipe", help="YAML recipe file, or a built-in recipe's name")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. distill.temperature=8")
     parser.add_argument("--quiet", action="store_true", help="print nothing but the result")
@@ -45,24 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_command(sub, "report", "write report.md and curves.png from the run's metrics.json")
     _recipe_command(sub, "check", "check a recipe, its data, models and paths, and say what `run` would do; "
                                   "writes nothing")
-    listing = sub.add_parser("list", help="list registered datasets, models or losses")
-    listing.add_argument("kind", nargs="?", choices=("datasets", "models", "losses"), default=None)
+    _recipe_command(sub, "config", "print the resolved config, every key with its help (valid YAML: save it as a "
+                                   "recipe)")
+    listing = sub.add_parser("list", help="list built-in recipes, registered data sets, models or losses")
+    listing.add_argument("kind", nargs="?", choices=LISTS, default=None)
     return parser
 
 
+LISTS = ("recipes", "datasets", "models", "losses")
+
+
 def _list(kind: str | None) -> None:
+    from kdistill.config.describe import builtin_recipes, recipe_summary
     from kdistill.data import DATASETS
     from kdistill.losses import LOSSES
     from kdistill.models import MODELS
+    from kdistill.models.registry import builder_arguments
 
-    registries = {"datasets": DATASETS, "models": MODELS, "losses": LOSSES}
-    for name in [kind] if kind else list(registries):
+    for name in [kind] if kind else LISTS:
+        if name == "recipes":
+            entries = {recipe: recipe_summary(path) for recipe, path in builtin_recipes().items()}
+        elif name == "models":
+            entries = {model: f"{info.description}{f' (args: {a})' if (a := builder_arguments(info.builder)) else ''}"
+                       for model, info in MODELS.items()}
+        else:
+            registry = {"datasets": DATASETS, "losses": LOSSES}[name]
+            entries = {entry: info.description for entry, info in registry.items()}
         if not kind:
             print(f"{name}:")
-        entries = registries[name]
         width = max(len(n) for n in entries)
-        for entry, info in entries.items():
-            print(f"{'  ' if not kind else ''}{entry:<{width}}  {info.description}")
+        for entry, text in entries.items():
+            print(f"{'  ' if not kind else ''}{entry:<{width}}  {text}")
 
 
 def _discarded(args) -> tuple[str, ...]:
@@ -88,6 +106,11 @@ def _run(args) -> None:
     from kdistill.train import distributed
 
     cfg = load_config(args.recipe, args.overrides)
+    if args.command == "config":
+        from kdistill.config.describe import annotated_yaml
+
+        print(annotated_yaml(cfg), end="")
+        return
     progress = "quiet" if args.quiet or not distributed.is_main() else "auto"
     if args.command == "check":
         with Pipeline(cfg, progress=progress, claim=False) as pipeline:
@@ -105,15 +128,14 @@ def _step(args, pipeline) -> None:
     if not pipeline.main and command not in ("run", "train", "distill", "soft-labels"):
         return
     if command == "run":
-        from kdistill.report import comparison_table
+        from kdistill.report import comparison_table, result_lines
 
         metrics = pipeline.run()  # writes the report too
         if not pipeline.main:
             return
         say(comparison_table(metrics))
-        gap = metrics.get("gap_recovered")
-        gap_text = f"{gap:.3f}" if gap is not None else metrics.get("gap_recovered_note", "n/a")
-        say(f"\ngap recovered: {gap_text}; report: {pipeline.run_dir / 'report.md'}")
+        say("", *result_lines(metrics), sep="\n")
+        say(f"report: {pipeline.run_dir / 'report.md'}; plots: {pipeline.run_dir / 'curves.png'}")
     elif command == "train":
         role = "baseline" if args.baseline else "teacher"
         pipeline.model(role)

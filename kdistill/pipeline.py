@@ -94,7 +94,6 @@ class Pipeline:
         self.data = load_data(data.name, data.root, data.val_size, data.split_seed, data.download,
                               channels=data.channels, image_size=data.image_size, test_size=data.test_size,
                               max_val_size=data.max_val_size)
-        self.progress.line(f"data: {self.data.describe()}")
         self._check_against_data()
         self._models: dict[str, nn.Module] = {}
         self.specs = {role: (cfg.teacher if role == "teacher" else cfg.student) for role in ROLES}
@@ -119,6 +118,8 @@ class Pipeline:
         except BaseException:
             self.close()
             raise
+        # The log opens with what is trained on, once every check has passed (a refusal stays one line).
+        self.progress.line(f"data: {self.data.describe()}")
 
     def __enter__(self) -> "Pipeline":
         return self

@@ -41,9 +41,21 @@ def test_config_errors(capsys, tmp_path, override, expected):
 
 
 def test_missing_data_set(capsys, tmp_path):
+    (tmp_path / "data").mkdir()
     err = fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", "data.name=kmnist",
                                  f"data.root={tmp_path / 'data'}", "data.download=false"], "kmnist")
     assert str(tmp_path / "data") in err
+
+
+def test_a_data_root_that_does_not_exist(capsys, tmp_path):
+    err = fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", "data.name=fashion_mnist",
+                                 f"data.root={tmp_path / 'nowhere'}"], "does not exist")
+    assert str(tmp_path / "nowhere") in err
+
+
+def test_a_val_size_larger_than_the_training_set(capsys, tmp_path):
+    fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", "data.val_size=5000"],
+                  "data.val_size=5000 asks for 5000 validation images but digits has only 1500")
 
 
 def _write_idx(path, array: torch.Tensor):

@@ -29,6 +29,7 @@ VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=
 
 KEYS = [
     "name", "out_dir", "seed", "threads", "data.name", "data.val_size", "data.split_seed", "data.root",
+    "data.channels", "data.image_size", "data.test_size", "data.max_val_size", "train.milestones",
     "teacher.name", "teacher.kwargs", "teacher.kwargs.hidden", "teacher.checkpoint", "teacher.train.epochs",
     "teacher.train.lr", "teacher.train.optimizer", "teacher.train.augment.crop_padding", "student.name",
     "student.kwargs.hidden", "student.kwargs.dropout", "student.checkpoint", "train.batch_size", "train.optimizer",

@@ -25,7 +25,7 @@ ARGS = ["recipes/digits_quick.yaml", "threads=1", "teacher.train.epochs=4", "tra
         "teacher.train.batch_size=8", "train.batch_size=8", "eval.latency_repeats=1", "eval.latency_batches=[1]",
         "teacher.train.checkpoint_every_steps=40", "train.checkpoint_every_steps=40", "student.kwargs.dropout=0.1"]
 ROLES = ("teacher", "baseline", "student")
-TIMINGS = ("latency_ms", "train_seconds", "train_samples_per_second")
+TIMINGS = ("latency_ms", "train_seconds", "train_samples_per_second", "latency_spread")
 # Where to kill: a line the run prints as a phase starts, then a random delay (seconds).
 PHASES = ("[teacher] epoch 1/", "[teacher] epoch 3/", "[baseline] epoch 2/", "[baseline] epoch 4/",
           "[student] soft labels", "[student] epoch 2/")
@@ -65,6 +65,7 @@ def outcome(run: Path) -> dict:
         for key in TIMINGS:
             metrics[role].pop(key)
     metrics.pop("distill_overhead", None)
+    metrics.pop("latency_machine", None)  # the load average when it was timed
     weights = {role: hashlib.sha256((run / role / "model.safetensors").read_bytes()).hexdigest() for role in ROLES}
     return {"metrics": metrics, "weights": weights}
 

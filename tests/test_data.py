@@ -216,7 +216,8 @@ def test_digits():
 
 
 def test_unknown_name_suggests_closest():
-    with pytest.raises(KdistillError, match="did you mean 'fashion_mnist'.*digits, fashion_mnist, kmnist, mnist"):
+    with pytest.raises(KdistillError, match="did you mean 'fashion_mnist'.*digits, fashion_mnist, image_folder, "
+                                            "kmnist, mnist, npz"):
         load_data("fashion-mnist")
 
 

@@ -191,8 +191,10 @@ def test_user_model_must_be_a_module_class_and_is_never_called_otherwise(user_mo
 def test_user_model_errors(user_module):
     with pytest.raises(KdistillError, match=r"does not take argument 'hiden'.*did you mean 'hidden'"):
         create_model(f"{user_module}:WithClasses", MNIST, 10, hiden=3)
-    with pytest.raises(KdistillError, match="cannot import.*PYTHONPATH"):
+    with pytest.raises(KdistillError, match="my_nets has no Missing; its nn.Module classes: FixedTen, FromShape"):
         create_model(f"{user_module}:Missing", MNIST, 10)
+    with pytest.raises(KdistillError, match="my_nets has no WithClases; did you mean 'WithClasses'"):
+        create_model(f"{user_module}:WithClases", MNIST, 10)
     with pytest.raises(KdistillError, match="cannot import.*PYTHONPATH"):
         create_model("no_such_module_xyz:Net", MNIST, 10)
     with pytest.raises(KdistillError, match="module.path:ClassName"):

@@ -15,6 +15,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from kdistill.config.describe import find_recipe
 from kdistill.config.schema import RunConfig, TrainConfig
 from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_LOSSES, build_objective, is_number
@@ -35,9 +36,11 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
     try:
         cfg = copy.deepcopy(_defaults())
         if recipe is not None:
-            cfg = _merge(cfg, _read_recipe(Path(recipe)))
-        for item in overrides:  # one at a time, so that an error names the override at fault
-            cfg = _merge(cfg, _parse_override(item))
+            cfg = _merge(cfg, _read_recipe(find_recipe(recipe)))
+        parsed = [_parse_override(item) for item in overrides]
+        _forget_kwargs_of_replaced_models(cfg, [item.partition("=")[0].strip() for item in overrides], parsed)
+        for layer in parsed:  # one at a time, so that an error names the override at fault
+            cfg = _merge(cfg, layer)
         try:
             if not cfg.distill.losses:
                 cfg.distill.losses = DEFAULT_LOSSES
@@ -55,6 +58,17 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
 def _defaults() -> DictConfig:
     """The schema as a config, built once: building it costs more than the rest of loading (copies are cheap)."""
     return OmegaConf.structured(RunConfig)
+
+
+def _forget_kwargs_of_replaced_models(cfg: DictConfig, keys: list[str], layers: list[dict]) -> None:
+    """An override that names another model drops the recipe's kwargs, which were for the old one.
+
+    Kwargs given by the same overrides (`student.name=mlp student.kwargs.hidden=[8]`) still apply.
+    """
+    for role in ("teacher", "student"):
+        names = [layer[role]["name"] for key, layer in zip(keys, layers, strict=True) if key == f"{role}.name"]
+        if names and names[-1] != cfg[role].name:
+            cfg[role].kwargs = {}
 
 
 def _read_recipe(path: Path) -> dict:
@@ -268,8 +282,9 @@ def validate(cfg: DictConfig) -> None:
     check_training(cfg.teacher.train, "teacher.train")
     for key in ("val_size", "test_size"):
         size = cfg.data[key]
-        _check((is_number(size) and isinstance(size, int) and size >= 1) or (isinstance(size, float) and 0 < size < 1),
-               f"data.{key}", f"must be a count (a positive integer) or a fraction between 0 and 1, got {size!r}")
+        _check((is_number(size) and isinstance(size, int) and 1 <= size <= 10**9)
+               or (isinstance(size, float) and 0 < size < 1),
+               f"data.{key}", f"must be a count (1 to 10^9) or a fraction between 0 and 1, got {size!r}")
     _in_range(cfg.data.max_val_size, "data.max_val_size", 1, 10**9, null_ok=True)
     _check(cfg.data.channels in (None, 1, 3), "data.channels", f"must be 1, 3 or null, got {cfg.data.channels!r}")
     _in_range(cfg.data.image_size, "data.image_size", 1, 4096, null_ok=True)

@@ -34,17 +34,17 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 128
+    epochs: int = 5  # passes over the training split; the best validation epoch is kept
+    batch_size: int = 128  # the global batch (split across processes under torchrun)
     optimizer: str = "adam"  # sgd | adam | adamw
-    lr: float = 0.01
+    lr: float = 0.01  # peak learning rate
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
     schedule: str = "none"  # none | cosine | step | multistep (per optimisation step)
     step_epochs: int = 30  # step schedule: multiply lr by step_gamma every step_epochs
     milestones: List[int] = field(default_factory=list)  # multistep schedule: multiply lr by step_gamma at these epochs
-    step_gamma: float = 0.1
+    step_gamma: float = 0.1  # step and multistep schedules: the factor applied at each decay
     warmup_epochs: float = 0.0  # linear warm-up, in epochs
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
     label_smoothing: float = 0.0  # for the cross-entropy of plain (teacher / baseline) training
@@ -66,9 +66,9 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig(ModelConfig):
-    name: str = "seed_teacher"
+    name: str = "seed_teacher"  # a registered model (`kdistill list models`) or module.path:ClassName
     checkpoint: Optional[str] = None  # a .safetensors file to load instead of training
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # how the teacher is trained (when no checkpoint)
 
 
 @dataclass
@@ -80,28 +80,28 @@ class DistillConfig:
     # Empty means seed 000's objective, {ce: {weight: 0.5}, kd: {weight: 0.5}}. (Recipes merge
     # into this dict key by key, so a non-empty default could not be replaced, only added to.)
     losses: Dict[str, Any] = field(default_factory=dict)
-    normalize_weights: bool = False
+    normalize_weights: bool = False  # divide the objective by the sum of the weights
     cache_soft_labels: bool = True  # reuse the teacher's logits when inputs are not augmented
     cache_dir: Optional[str] = None  # None = $KDISTILL_CACHE_DIR or ~/.cache/kdistill/soft_labels
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 1000
+    batch_size: int = 1000  # batch of the test and validation passes
     latency_batches: List[int] = field(default_factory=lambda: [1, 256])  # batch sizes timed
-    latency_repeats: int = 30
+    latency_repeats: int = 30  # timed rounds per model and batch size (the median is reported)
 
 
 @dataclass
 class RunConfig:
     name: str = "run"  # the run folder is <out_dir>/<name>
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # where run folders are made
     seed: int = 0  # fixes model init, shuffling, augmentation and dropout
     threads: Optional[int] = None  # torch intra-op threads; None = PyTorch's default
     device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps; torchrun: cuda:LOCAL_RANK
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # what to train and test on
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the large model, trained or loaded
+    student: ModelConfig = field(default_factory=ModelConfig)  # the small model, trained from scratch and distilled
     train: TrainConfig = field(default_factory=TrainConfig)  # student and baseline training
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # the student's objective
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the final test-set evaluation and latency

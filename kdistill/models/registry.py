@@ -83,6 +83,14 @@ def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
     return _checked_module(name, model)
 
 
+def builder_arguments(builder: Callable) -> str:
+    """The arguments a recipe may give a registered model, as `name=default, ...` ("" when none)."""
+    params = _keyword_parameters(builder) or {}
+    shown = [p for name, p in params.items()
+             if name not in ("input_shape", "num_classes") and p.kind is not p.VAR_KEYWORD]
+    return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in shown)
+
+
 def describe_error(error: BaseException) -> str:
     """`error` as one short line: its type and the first line of its message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -118,9 +126,17 @@ def _user_model(spec: str, input_shape: tuple[int, int, int], num_classes: int,
         target: Any = importlib.import_module(module_path)
         for attr in attr_path.split("."):
             target = getattr(target, attr)
-    except (ImportError, AttributeError) as error:
+    except ImportError as error:
         raise KdistillError(f"model {spec!r}: cannot import {attr_path} from {module_path} ({error}); "
                             "is the module on PYTHONPATH?") from error
+    except AttributeError as error:  # the module is there; the name is not
+        module = importlib.import_module(module_path)
+        classes = [name for name, value in vars(module).items()
+                   if isinstance(value, type) and issubclass(value, nn.Module) and not name.startswith("_")]
+        close = difflib.get_close_matches(attr_path, classes, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else \
+            f"its nn.Module classes: {', '.join(sorted(classes)) or 'none'}"
+        raise KdistillError(f"model {spec!r}: {module_path} has no {attr_path}; {hint}") from error
     except Exception as error:  # the module's top-level code failed
         raise KdistillError(f"model {spec!r}: importing {module_path} failed ({describe_error(error)}); "
                             "fix the module") from error
