@@ -78,6 +78,7 @@ class Pipeline:
         self.cfg = cfg
         self.resume = resume
         self.trains = set(trains)  # the roles the caller means to train: their interrupted states are checked now
+        self.redo: dict[str, str] = {}  # role -> the config change that makes it stale (set by _folder_verdict)
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self._stack = contextlib.ExitStack()
         if cfg.threads:
@@ -189,23 +190,28 @@ class Pipeline:
         if not self.run_dir.is_dir():
             return set()
         self._check_folder_is_ours()
-        changes = self._config_changes()
+        changes = self._config_changes()  # (what changed, the roles it makes stale)
         recorded = self._read_json(self.run_dir / MARKER_FILE, "run record").get("data_digest")
         if recorded not in (None, self.data_digest):
-            changes.append(f"data: {self.cfg.data.name} at data.root={self.cfg.data.root} is not the data this run "
-                           "trained on")
-        if not changes:
-            doomed = {r for role in discard for r in DEPENDENTS[role]}
-            for role in sorted(self.trains - doomed):
-                if (self.role_dir(role) / STATE_FILE).exists() and not self.resume:
-                    raise KdistillError(f"{self.role_dir(role)} holds an interrupted training: pass --resume to "
-                                        "continue it or --force to start it over")
-            return doomed
-        listed = f"{'; '.join(changes[:3])}{' ...' if len(changes) > 3 else ''}"
-        if set(discard) != set(ROLES):  # a config change can touch every model: only `run --force` redoes all
-            raise KdistillError(f"{self.run_dir} holds a run with another config or data ({listed}); pick another "
-                                "name=..., or start it over with `kdistill run ... --force`")
-        return set(ROLES)
+            changes.append((f"data: {self.cfg.data.name} at data.root={self.cfg.data.root} is not the data this run "
+                            "trained on", set(ROLES)))
+        stale = {role for _, roles in changes for role in roles if self.done(role) or self._interrupted(role)}
+        doomed = {r for role in discard for r in DEPENDENTS[role]}
+        listed = "; ".join(what for what, _ in changes[:3]) + (" ..." if len(changes) > 3 else "")
+        if "teacher" in stale and set(discard) != set(ROLES):  # only `run --force` redoes everything
+            raise KdistillError(f"{self.run_dir} holds a run with another config or data ({listed}), which changes "
+                                "the teacher: every step would be redone; pick another name=..., or start it over "
+                                "with `kdistill run ... --force`")
+        if stale - doomed and not self.trains:
+            raise KdistillError(f"{self.run_dir}: {listed} since its models were trained; `kdistill run` retrains "
+                                f"{_names(stale)} and keeps the rest")
+        self.redo = {role: listed for role in stale - doomed}  # retrained because the config changed
+        doomed |= stale
+        for role in sorted(self.trains - doomed):
+            if self._interrupted(role) and not self.resume:
+                raise KdistillError(f"{self.role_dir(role)} holds an interrupted training: pass --resume to "
+                                    "continue it or --force to start it over")
+        return doomed
 
     def _check_folder_is_ours(self) -> None:
         run_dir = self.run_dir
@@ -248,6 +254,9 @@ class Pipeline:
             for stale in remove_stale_temporaries(folder, recursive=False):
                 self.progress.line(f"removed {stale}, left by an interrupted write")
         roles = self._folder_verdict(discard)  # again, now that no other process can change the folder
+        if self.redo:
+            self.progress.line(f"config changed ({next(iter(self.redo.values()))}): retraining {_names(self.redo)}; "
+                               f"keeping {_names(set(ROLES) - set(self.redo)) or 'nothing else'}")
         if roles:
             self._discard(roles)
         atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(self.cfg, resolve=True))
@@ -257,15 +266,22 @@ class Pipeline:
         atomic_write_text(self.run_dir / MARKER_FILE,
                           json.dumps({"made_by": "kdistill", "version": __version__, **record}, indent=2))
 
-    def _config_changes(self) -> list[str]:
+    def _config_changes(self) -> list[tuple[str, set[str]]]:
+        """What differs from the config the folder's models were trained with, and the roles each change touches."""
         config_file = self.run_dir / CONFIG_FILE
         if not config_file.exists():
             trained = any(self.role_dir(role).exists() for role in ROLES)
-            return [f"{config_file} is missing, so what the models were trained with is unknown"] if trained else []
+            return [(f"{config_file} is missing, so what the models were trained with is unknown", set(ROLES))] \
+                if trained else []
         try:
-            return [f"{key} differs" for key in _changed_keys(OmegaConf.create(config_file.read_text()), self.cfg)]
+            keys = _changed_keys(OmegaConf.create(config_file.read_text()), self.cfg)
         except Exception as err:  # noqa: BLE001  any parse or resolve failure means the same: we cannot trust it
-            return [f"{config_file} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"]
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+            return [(f"{config_file} is unreadable ({problem})", set(ROLES))]
+        return [(f"{key} changed", _roles_depending_on(key)) for key in keys]
+
+    def _interrupted(self, role: str) -> bool:
+        return (self.role_dir(role) / STATE_FILE).exists()
 
     def _discard(self, roles: set[str]) -> None:
         """Delete what kdistill made for `roles` (and the derived files): never a file of the user's, never a
@@ -549,6 +565,9 @@ class Pipeline:
             f"({', '.join(f'{r} done' for r in ROLES if self.done(r)) or 'nothing trained yet'})",
             f"data: {data.describe()}",
         ]
+        if self.redo:
+            lines.append(f"config changed ({next(iter(self.redo.values()))}): `run` retrains {_names(self.redo)}, "
+                         f"keeps {_names({r for r in ROLES if self.done(r)} - set(self.redo)) or 'nothing else'}")
         for role in ("teacher", "student"):
             spec = self.specs[role]
             source = f"loaded from {spec.checkpoint}" if role == "teacher" and cfg.teacher.checkpoint else \
@@ -563,6 +582,22 @@ class Pipeline:
         lines.append(f"objective: {terms}; teacher signal: {self.teacher_signal}"
                      + (f" (cache: {self.cache_dir})" if self.teacher_signal == "cached" else ""))
         return "\n".join(lines)
+
+
+def _roles_depending_on(key: str) -> set[str]:
+    """The models a changed config key makes stale: a teacher key the teacher and the distilled student,
+    a student or training key both students, a distillation key the distilled student; anything else all."""
+    if key.startswith("teacher."):
+        return set(DEPENDENTS["teacher"])
+    if key.startswith(("student.", "train.")):
+        return {"baseline", "student"}
+    if key.startswith("distill."):
+        return {"student"}
+    return set(ROLES)
+
+
+def _names(roles: Collection[str]) -> str:
+    return " and ".join(role for role in ROLES if role in roles)
 
 
 def _file_digest(path: Path) -> str:

@@ -139,10 +139,40 @@ def test_augmented_run_uses_the_live_teacher(tmp_path, soft_label_cache):
     assert not list(soft_label_cache.glob("*.safetensors"))
 
 
-def test_changed_config_needs_a_new_name_or_force(finished_run, tmp_path, capsys):
-    assert run_cli(tmp_path, "run", "--quiet", "distill.temperature=2") == 2
-    assert "another config" in capsys.readouterr().err
-    assert run_cli(tmp_path, "run", "--quiet", "distill.temperature=2", "--force") == 0
+def test_a_changed_teacher_needs_a_new_name_or_force(finished_run, tmp_path, capsys):
+    assert run_cli(tmp_path, "run", "--quiet", "teacher.train.lr=0.002") == 2
+    assert "which changes the teacher: every step would be redone" in capsys.readouterr().err
+    assert run_cli(tmp_path, "run", "--quiet", "teacher.train.lr=0.002", "--force") == 0
+
+
+def weights(run) -> dict:
+    return {role: (run / role / "model.safetensors").read_bytes() for role in ROLES}
+
+
+def test_a_change_of_distillation_keys_keeps_the_teacher_and_the_baseline(finished_run, tmp_path, capsys):
+    before = weights(finished_run)
+    capsys.readouterr()
+    assert run_cli(tmp_path, "check", "distill.temperature=2") == 0
+    assert "config changed (distill.temperature changed): `run` retrains student, keeps teacher and baseline" \
+        in capsys.readouterr().out
+    assert run_cli(tmp_path, "eval", "distill.temperature=2") == 2  # eval does not train: it says what would
+    assert "distill.temperature changed since its models were trained; `kdistill run` retrains student" \
+        in capsys.readouterr().err
+    assert run_cli(tmp_path, "run", "distill.temperature=2") == 0
+    assert "config changed (distill.temperature changed): retraining student; keeping teacher and baseline" \
+        in capsys.readouterr().err
+    after = weights(finished_run)
+    assert after["teacher"] == before["teacher"] and after["baseline"] == before["baseline"]
+    assert after["student"] != before["student"]
+    assert "temperature: 2" in (finished_run / "config.yaml").read_text()
+
+
+def test_a_change_of_student_training_keys_retrains_both_students(finished_run, tmp_path, capsys):
+    before = weights(finished_run)
+    assert run_cli(tmp_path, "run", "--quiet", "train.lr=0.001") == 0
+    after = weights(finished_run)
+    assert after["teacher"] == before["teacher"]
+    assert after["baseline"] != before["baseline"] and after["student"] != before["student"]
 
 
 def test_batchnorm_teacher_from_the_residual_family(tmp_path, soft_label_cache):
