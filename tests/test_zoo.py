@@ -1,4 +1,6 @@
-"""The CIFAR knowledge-distillation zoo: published sizes, and each one trains."""
+"""The CIFAR knowledge-distillation zoo: published sizes and state-dict keys, and each one trains."""
+
+import hashlib
 
 import pytest
 import torch
@@ -15,6 +17,16 @@ OFFICIAL_PARAMETERS = {
     "vgg8": (3_965_028, 3_918_858), "vgg13": (9_462_180, 9_416_010),
     "mobilenetv2": (812_836, 697_546), "shufflenetv2": (1_355_528, 1_263_278),
 }
+# The first 16 hex digits of sha256 over the official state dict's "key (shape)" lines, in order, at
+# num_classes=100 (same source; mdistiller's models/cifar/ give the same): equal digests mean that a
+# published RepDistiller or mdistiller checkpoint loads into ours unchanged.
+OFFICIAL_STATE_DICTS = {
+    "resnet8x4": "a04332a459ae1465", "resnet32x4": "24fbb1ea1d0f23f9",
+    "resnet20": "d62528ebf09500ac", "resnet56": "7d3a91d4a8b97b8c",
+    "wrn_16_2": "5994bb013d98efa7", "wrn_40_2": "9a74d15007bab65e",
+    "vgg8": "fdc773ff39915584", "vgg13": "bf74037647da8d81",
+    "mobilenetv2": "68a2c5f51e5cea07", "shufflenetv2": "577996dd44e66b38",
+}
 ZOO = sorted(OFFICIAL_PARAMETERS)
 
 
@@ -23,6 +35,13 @@ def test_parameter_counts_match_the_official_models(name):
     cifar100, cifar10 = OFFICIAL_PARAMETERS[name]
     assert count_parameters(create_model(name, (3, 32, 32), 100)) == cifar100
     assert count_parameters(create_model(name, (3, 32, 32), 10)) == cifar10
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_state_dicts_have_the_official_keys_and_shapes(name):
+    state = create_model(name, (3, 32, 32), 100).state_dict()
+    lines = "\n".join(f"{key} {tuple(value.shape)}" for key, value in state.items())
+    assert hashlib.sha256(lines.encode()).hexdigest()[:16] == OFFICIAL_STATE_DICTS[name]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -41,13 +60,20 @@ def test_one_training_step(name):
         assert torch.equal(model(inputs), model(inputs))  # eval mode is deterministic
 
 
+@pytest.mark.parametrize("name", ZOO)
+def test_greyscale_28x28_input(name):
+    """Fashion-MNIST-sized inputs work: channels come from the data, global pooling adapts to the size."""
+    model = create_model(name, (1, 28, 28), 10).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8", "mobilenetv2", "shufflenetv2"])
-def test_other_inputs(name):
-    """Greyscale 28x28 (Fashion-MNIST) and 64x64 inputs work: channels from the data, pooling adapts."""
-    for shape in ((1, 28, 28), (3, 64, 64)):
+def test_other_image_sizes(name):
+    for shape in ((3, 64, 64), (3, 8, 40)):  # vgg pools once more at 64 pixels, as the official code does
         model = create_model(name, shape, 10).eval()
         with torch.no_grad():
-            assert model(torch.zeros(2, *shape)).shape == (2, 10)
+            assert model(torch.rand(2, *shape)).shape == (2, 10)
 
 
 def test_arguments_are_checked():
@@ -59,6 +85,8 @@ def test_arguments_are_checked():
         create_model("mobilenetv2", (3, 32, 32), 100, width_mult="wide")
     with pytest.raises(KdistillError, match="does not take argument 'width'"):
         create_model("resnet8x4", (3, 32, 32), 100, width=3)
+    with pytest.raises(KdistillError, match="'vgg8' needs images of at least 8x8 pixels"):
+        create_model("vgg8", (3, 32, 7), 100)  # not a shape error in the middle of the first epoch
 
 
 @pytest.mark.parametrize("recipe", ["cifar100_resnet32x4_resnet8x4", "cifar100_wrn_40_2_wrn_16_2"])

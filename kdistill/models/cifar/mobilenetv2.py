@@ -2,7 +2,8 @@
 `mobile_half` (the KD tables' "MobileNetV2"): a stride-2 stem, seven stages of inverted residuals
 (expansion 6), a 1x1 conv to 1280 channels, global average pooling and one linear layer.
 
-Module paths: `conv1`, `blocks.0`..`blocks.6`, `conv2`, `pool`, `classifier`.
+Module paths: `conv1`, `blocks.0`..`blocks.6`, `conv2`, `pool`, `classifier` (its linear layer is
+`classifier.0`). State-dict keys are the official ones, so RepDistiller's checkpoints load unchanged.
 """
 
 from torch import Tensor, nn
@@ -45,7 +46,8 @@ class MobileNetV2(nn.Module):
         last = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = nn.Sequential(*conv_bn(channels, last, 1), nn.ReLU(inplace=True))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(last, num_classes)
+        # A Sequential of one linear layer, as in the official code: its keys are `classifier.0.*`.
+        self.classifier = nn.Sequential(nn.Linear(last, num_classes))
         init_like_repdistiller(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:

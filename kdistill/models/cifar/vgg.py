@@ -8,6 +8,7 @@ Module paths: `block0`..`block4` (conv, BN, ReLU, ...; each block's last ReLU is
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.errors import KdistillError
 from kdistill.models.cifar.common import init_like_repdistiller
 from kdistill.models.registry import register_model
 
@@ -41,17 +42,25 @@ class CifarVGG(nn.Module):
         x = self.pool2(F.relu(self.block2(x)))
         x = F.relu(self.block3(x))
         # The official code pools here only for 64x64 inputs: block4 then works on 4x4 maps at 32 or 64 pixels.
-        if x.shape[-1] > 4:
+        if min(x.shape[-2:]) > 4:
             x = self.pool3(x)
         x = F.relu(self.block4(x))
         return self.classifier(self.pool(x).flatten(1))
 
 
+def _vgg(name: str, input_shape: tuple[int, int, int], num_classes: int) -> CifarVGG:
+    channels, height, width = input_shape
+    if min(height, width) < 8:  # three max-pools by 2 come before block3: below 8 pixels the third leaves nothing
+        raise KdistillError(f"model {name!r} needs images of at least 8x8 pixels (it max-pools three times by 2), "
+                            f"got {height}x{width}; use a resnet, wrn, mobilenetv2 or shufflenetv2 for smaller ones")
+    return CifarVGG(channels, num_classes, CONFIGS[name])
+
+
 @register_model("vgg8", "VGG-8 with BatchNorm (RepDistiller's vgg8_bn), 3.97M params on CIFAR-100: a KD student")
 def vgg8(input_shape: tuple[int, int, int], num_classes: int) -> CifarVGG:
-    return CifarVGG(input_shape[0], num_classes, CONFIGS["vgg8"])
+    return _vgg("vgg8", input_shape, num_classes)
 
 
 @register_model("vgg13", "VGG-13 with BatchNorm (RepDistiller's vgg13_bn), 9.46M params on CIFAR-100: a KD teacher")
 def vgg13(input_shape: tuple[int, int, int], num_classes: int) -> CifarVGG:
-    return CifarVGG(input_shape[0], num_classes, CONFIGS["vgg13"])
+    return _vgg("vgg13", input_shape, num_classes)

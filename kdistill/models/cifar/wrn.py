@@ -1,8 +1,12 @@
 """Wide ResNets (Zagoruyko and Komodakis 2016) as RepDistiller's models/wrn.py builds them.
 
 Pre-activation blocks (BN-ReLU-conv), depth 6n+4, widths 16-16k-32k-64k. Module paths:
-`conv1`, `block1`..`block3` (blocks inside: `block2.0.conv1`), `bn1`, `pool`, `fc`.
+`conv1`, `block1`..`block3` (blocks inside: `block2.layer.0.conv1`), `bn1`, `pool`, `fc`.
+The names, `layer` and `convShortcut` included, are the official ones: RepDistiller's
+published wrn_40_2 teacher loads unchanged.
 """
+
+from collections import OrderedDict
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,13 +24,14 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)
         self.dropout = dropout
-        self.shortcut = None if in_channels == out_channels else \
+        # A 1x1 projection when the width changes (named as in the official code, for its checkpoints).
+        self.convShortcut = None if in_channels == out_channels else \
             nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         activated = F.relu(self.bn1(x))
         # When the shape changes, the shortcut also starts from the activated input (as in the official code).
-        shortcut = x if self.shortcut is None else self.shortcut(activated)
+        shortcut = x if self.convShortcut is None else self.convShortcut(activated)
         out = F.relu(self.bn2(self.conv1(activated)))
         out = F.dropout(out, p=self.dropout, training=self.training)
         return shortcut + self.conv2(out)
@@ -44,7 +49,8 @@ class WideResNet(nn.Module):
             for b in range(blocks):
                 layer.append(PreActBlock(channels, width, stride if b == 0 else 1, dropout))
                 channels = width
-            setattr(self, f"block{i}", nn.Sequential(*layer))
+            # The official NetworkBlock holds its blocks in `.layer`: keep that level for its state-dict keys.
+            setattr(self, f"block{i}", nn.Sequential(OrderedDict(layer=nn.Sequential(*layer))))
         self.bn1 = nn.BatchNorm2d(channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
