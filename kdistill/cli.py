@@ -15,16 +15,28 @@ from kdistill.errors import KdistillError
 EXIT_BAD_INPUT = 2  # kdistill.train.distributed.launch relies on it
 
 
-RECIPE_HELP = ("RECIPE is a YAML file or the name of a built-in recipe (`kdistill list recipes`); `kdistill config "
-               "RECIPE [key=value ...]` prints every key with its help. Overriding student.name or teacher.name "
-               "drops the recipe's kwargs for the old model; distill.losses.<term>=null removes a loss term.")
+RECIPE_HELP = """\
+RECIPE is a YAML file, or the name of a built-in recipe (`kdistill list recipes`).
+`kdistill config RECIPE [key=value ...]` prints every key with its help.
+
+overrides: key=value, the value in YAML (quote an override with spaces or brackets for the shell)
+  train.lr=0.05                     set a key
+  student.name=mlp                  another model: the recipe's kwargs for the old one are dropped
+  student.kwargs.dropout=0.1        set one argument; the model's other kwargs stay
+  'student.kwargs={hidden: [800]}'  replace the whole map; works for student.kwargs, teacher.kwargs,
+                                    distill.losses and one loss term (other maps merge key by key)
+  distill.losses.kd=null            remove a loss term
+"""
 
 
 def _recipe_command(sub, name: str, help_text: str, *, retrains: bool = False) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=RECIPE_HELP)
+    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=RECIPE_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps the epilog's table
     parser.add_argument("recipe", help="YAML recipe file, or a built-in recipe's name")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. distill.temperature=8")
+    if name == "config":  # it only prints the config
+        return parser
     parser.add_argument("--quiet", action="store_true", help="print nothing but the result")
     if name != "check":
         parser.add_argument("--resume", action="store_true", help="continue an interrupted training in the run folder")
@@ -71,7 +83,7 @@ def _list(kind: str | None) -> None:
         if name == "recipes":
             entries = {recipe: recipe_summary(path) for recipe, path in builtin_recipes().items()}
         elif name == "models":
-            entries = {model: f"{info.description}{f' (args: {a})' if (a := builder_arguments(info.builder)) else ''}"
+            entries = {model: f"{info.description}{f'  (args: {a})' if (a := builder_arguments(info.builder)) else ''}"
                        for model, info in MODELS.items()}
         else:
             registry = {"datasets": DATASETS, "losses": LOSSES}[name]
@@ -242,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("\nkdistill: interrupted; continue with --resume", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # `kdistill config r | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush stays quiet
+            return 0
         except OSError as err:  # a full disk, a folder that vanished, a permission: the system said no
             where = f" ({err.filename})" if err.filename else ""
             print(f"kdistill: error: {_one_line(err.strerror or err)}{where}", file=sys.stderr)

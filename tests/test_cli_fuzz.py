@@ -1,4 +1,5 @@
-"""Property: whatever a user types, `kdistill check` answers with a plan (exit 0) or one line (exit 2).
+"""Property: whatever a user types, `kdistill check` answers with a plan (exit 0) or one line (exit 2),
+and what `kdistill config` prints loads back as the same config.
 
 `check` runs everything `run` checks before its first epoch (config, data, models, paths) and
 writes nothing, so random override lists can be thrown at it by the hundred. More examples:
@@ -11,8 +12,10 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
 from kdistill.cli import main
+from kdistill.config import load_config
 from kdistill.data import download
 
 DIGITS = "recipes/digits_quick.yaml"
@@ -44,6 +47,9 @@ KEYS = [
     "teacher.trian.epochs", "distill.temperatur", "foo.bar", "", ".", "train..lr",
 ]
 PATH_KEYS = ["out_dir", "data.root", "teacher.checkpoint", "distill.cache_dir", "name"]
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("KDISTILL_FUZZ_EXAMPLES"),
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large])
 
 
 @pytest.fixture(autouse=True)
@@ -87,9 +93,7 @@ def places(tmp_path_factory) -> dict:
             "long": root / ("x" * 300), "runs": root / "runs", "dots": "..", "relative": "runs/../runs"}
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("KDISTILL_FUZZ_EXAMPLES"),
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                 HealthCheck.data_too_large])
+@FUZZ
 @given(data=st.data())
 def test_any_override_list_is_a_plan_or_one_line(data, places, capsys, soft_label_cache):
     overrides = data.draw(override_lists(places))
@@ -101,3 +105,20 @@ def test_any_override_list_is_a_plan_or_one_line(data, places, capsys, soft_labe
     else:
         assert err.startswith("kdistill: error: ") and len(err.strip().splitlines()) == 1, (overrides, err)
     assert not (places["runs"]).exists()  # check writes nothing
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_printed_config_loads_back_the_same(data, places, capsys, tmp_path):
+    """`kdistill config R overrides > mine.yaml`: mine.yaml is the same config, help comments and all."""
+    overrides = data.draw(override_lists(places))
+    code = main(["config", DIGITS, *overrides])
+    out, err = capsys.readouterr()
+    assert code in (0, 2), (overrides, err)
+    if code == 2:
+        assert err.startswith("kdistill: error: ") and len(err.strip().splitlines()) == 1, (overrides, err)
+        return
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(out, encoding="utf-8")
+    expected = OmegaConf.to_container(load_config(DIGITS, overrides), resolve=True)
+    assert OmegaConf.to_container(load_config(saved), resolve=True) == expected, (overrides, out)

@@ -82,14 +82,17 @@ def annotated_yaml(cfg: DictConfig) -> str:
     lines = OmegaConf.to_yaml(cfg, resolve=True).splitlines()
     path: list[str] = []
     annotated = []
-    for line in lines:
+    for number, line in enumerate(lines):
         stripped = line.lstrip(" ")
         indent = (len(line) - len(stripped)) // 2
         if stripped.startswith("- ") or ":" not in stripped:
-            annotated.append((line, None))  # a list item
+            annotated.append((line, None))  # a list item, or the rest of a long value
             continue
         path = path[:indent] + [stripped.split(":", 1)[0]]
-        annotated.append((line, helps.get(".".join(path))))
+        after = lines[number + 1] if number + 1 < len(lines) else ""
+        # YAML folds a long value onto the lines below (deeper than its key): a comment would cut it.
+        folded = not line.endswith(":") and len(after) - len(after.lstrip(" ")) > len(line) - len(stripped)
+        annotated.append((line, None if folded else helps.get(".".join(path))))
     width = min(56, max(len(line) for line, _ in annotated))
     return "\n".join(f"{line:<{width}}  # {text}" if text else line for line, text in annotated) + "\n"
 
@@ -104,10 +107,10 @@ def builtin_recipes() -> dict[str, Path]:
 
 
 def recipe_summary(path: Path) -> str:
-    """The first comment line of a recipe: what it is."""
+    """The first comment line of a recipe: what it is (without the punctuation that leads to its second line)."""
     for line in path.read_text().splitlines():
         if line.startswith("#"):
-            return line.lstrip("# ").strip()
+            return line.lstrip("# ").strip().rstrip(",:;")
     return ""
 
 

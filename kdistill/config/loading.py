@@ -26,6 +26,8 @@ MAX_SEED = 2**31 - 1  # a signed 32-bit int: every random generator takes it
 MAX_COUNT = 100_000  # epochs, step_epochs, early_stop_patience: far beyond any real run, small enough to be safe
 MAX_BATCH = 2**20
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
+# Maps whose keys the schema does not fix: a `{...}` override replaces them (or a map inside them) whole.
+FREE_FORM_MAPS = ("teacher.kwargs", "student.kwargs", "distill.losses")
 
 
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -38,8 +40,9 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
         if recipe is not None:
             cfg = _merge(cfg, _read_recipe(find_recipe(recipe)))
         parsed = [_parse_override(item) for item in overrides]
-        _forget_kwargs_of_replaced_models(cfg, [item.partition("=")[0].strip() for item in overrides], parsed)
-        for layer in parsed:  # one at a time, so that an error names the override at fault
+        _forget_kwargs_of_replaced_models(cfg, [layer for _, layer in parsed])
+        for key, layer in parsed:  # one at a time, so that an error names the override at fault
+            _clear_replaced_map(cfg, key, layer)
             cfg = _merge(cfg, layer)
         try:
             if not cfg.distill.losses:
@@ -60,24 +63,43 @@ def _defaults() -> DictConfig:
     return OmegaConf.structured(RunConfig)
 
 
-def _forget_kwargs_of_replaced_models(cfg: DictConfig, keys: list[str], layers: list[dict]) -> None:
+def _forget_kwargs_of_replaced_models(cfg: DictConfig, layers: list[dict]) -> None:
     """An override that names another model drops the recipe's kwargs, which were for the old one.
 
-    Kwargs given by the same overrides (`student.name=mlp student.kwargs.hidden=[8]`) still apply.
+    Kwargs given by the same overrides (`student.name=mlp student.kwargs.hidden=[8]`) still apply:
+    they are merged after this.
     """
     for role in ("teacher", "student"):
-        names = [layer[role]["name"] for key, layer in zip(keys, layers, strict=True) if key == f"{role}.name"]
-        if names and names[-1] != cfg[role].name:
+        names = [layer[role]["name"] for layer in layers
+                 if isinstance(layer.get(role), Mapping) and "name" in layer[role]]  # role.name=x or role={name: x}
+        if names and names[-1] != OmegaConf.select(cfg, f"{role}.name", throw_on_resolution_failure=False):
             cfg[role].kwargs = {}
+
+
+def _clear_replaced_map(cfg: DictConfig, key: str, layer: dict) -> None:
+    """`student.kwargs={hidden: [8]}` replaces the map, where OmegaConf would merge into it key by key.
+
+    Only for free-form maps (a model's kwargs, the loss terms, one term): a schema section such as
+    `train={epochs: 3}` has fixed keys, so merging into it is what one means.
+    """
+    if not any(key == top or key.startswith(f"{top}.") for top in FREE_FORM_MAPS):
+        return
+    given = OmegaConf.select(OmegaConf.create(layer), key, throw_on_resolution_failure=False)
+    current = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+    if isinstance(given, DictConfig) and isinstance(current, DictConfig):
+        OmegaConf.update(cfg, key, {}, merge=False)
+
+
+GIVE_RECIPE = "give the path of a YAML file, or a built-in recipe's name (`kdistill list recipes`)"
 
 
 def _read_recipe(path: Path) -> dict:
     if path.is_dir():
-        raise KdistillError(f"recipe {path} is a directory: give the path of a YAML file (see recipes/)")
+        raise KdistillError(f"recipe {path} is a directory: {GIVE_RECIPE}")
     try:
         data = path.read_bytes()
     except (FileNotFoundError, ValueError):  # ValueError: a NUL byte in the path
-        raise KdistillError(f"recipe {path} not found: give the path of a YAML file (see recipes/)") from None
+        raise KdistillError(f"recipe {path} not found: {GIVE_RECIPE}") from None
     except OSError as err:
         raise KdistillError(f"recipe {path} cannot be read ({err.strerror}): check the path and its permissions") \
             from None
@@ -100,7 +122,8 @@ def _read_recipe(path: Path) -> dict:
     return OmegaConf.to_container(loaded)
 
 
-def _parse_override(item: str) -> dict:
+def _parse_override(item: str) -> tuple[str, dict]:
+    """`a.b=value` -> ("a.b", {"a": {"b": value}})."""
     key, equals, value = item.partition("=")
     key = key.strip()  # `train.lr = 0.1`, quoted, means train.lr
     if not equals or not key:
@@ -111,10 +134,11 @@ def _parse_override(item: str) -> dict:
     if "" in key.split("."):
         raise KdistillError(f"override {item!r}: the key has an empty part; write dotted keys like train.lr=0.01")
     try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={value}"]))
+        layer = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={value}"]))
     except (yaml.YAMLError, OmegaConfBaseException, RecursionError) as err:
         raise KdistillError(f"{key}: cannot parse the value {value!r} ({_yaml_problem(err)}); "
                             "quote text that is not meant as YAML") from None
+    return key, layer
 
 
 def _yaml_problem(err: Exception) -> str:

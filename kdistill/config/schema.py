@@ -3,6 +3,10 @@
 A recipe (YAML) is merged onto these defaults, then `key=value` overrides from the command
 line; OmegaConf rejects unknown keys and wrong types, `validate` (in loading.py) rejects
 out-of-range values (the bounds are there). Every field here is a key a user can set.
+
+A field's help, shown by `kdistill config`, is its trailing comment, or else the comment lines
+just above it: keep it to one short line. Comment lines above a field that has a trailing comment
+are for readers of this file only.
 """
 
 from dataclasses import dataclass, field
@@ -18,18 +22,17 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     name: str = "fashion_mnist"  # a registered data set (`kdistill list datasets`)
-    # The data's folder (or file, for npz); only there is looked; None = ~/.cache/kdistill/data, then system copies
-    root: Optional[str] = None
-    val_size: Any = 0.1  # validation images carved from the training set: a count, or a fraction (capped below)
-    max_val_size: Optional[int] = 5000  # cap on a fractional val_size; None = no cap
+    # Nothing is read from anywhere else when root is set: no silent fall-back to another copy.
+    root: Optional[str] = None  # the data's folder (a file for npz); null = ~/.cache/kdistill/data, then system copies
+    val_size: Any = 0.1  # validation images carved from the training set: a count, or a fraction (at most max_val_size)
+    max_val_size: Optional[int] = 5000  # cap on a fractional val_size; null = no cap
     test_size: Any = 0.2  # for data without a test split (image_folder): a count or a fraction, fixed seed
     split_seed: int = 0  # seed of the validation carving; fixed so every run sees the same split
     download: bool = True  # may a missing data set be downloaded (with checksums)?
-    channels: Optional[int] = None  # 1 (greyscale) or 3 (RGB); None = as stored
-    image_size: Optional[int] = None  # resize images to this square side in pixels; None = as stored
-    # Keep the uint8 images on the training device and build batches there (no copy per step):
-    # auto = when they take under a quarter of its free memory; false = pinned host batches.
-    on_device: Any = "auto"
+    channels: Optional[int] = None  # 1 (greyscale) or 3 (RGB); null = as stored
+    image_size: Optional[int] = None  # resize images to this square side in pixels; null = as stored
+    # auto: when the images take under a quarter of the device's free memory.
+    on_device: Any = "auto"  # keep the uint8 images on the training device (no copy per step) | auto | false
 
 
 @dataclass
@@ -46,12 +49,12 @@ class TrainConfig:
     milestones: List[int] = field(default_factory=list)  # multistep schedule: multiply lr by step_gamma at these epochs
     step_gamma: float = 0.1  # step and multistep schedules: the factor applied at each decay
     warmup_epochs: float = 0.0  # linear warm-up, in epochs
-    grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
+    grad_clip: Optional[float] = None  # max global gradient norm; null = no clipping
     label_smoothing: float = 0.0  # for the cross-entropy of plain (teacher / baseline) training
     precision: str = "fp32"  # fp32 | bf16 (autocast on CPU and CUDA) | fp16 (CUDA, with a gradient scaler)
     compile: bool = False  # torch.compile the student (and the teacher's inference); falls back to eager
     log_every_steps: int = 50  # read the running loss back from the device this often (a host sync)
-    checkpoint_every_steps: Optional[int] = None  # also save a resumable state mid-epoch; None = per epoch only
+    checkpoint_every_steps: Optional[int] = None  # also save a resumable state mid-epoch; null = per epoch only
     early_stop_patience: Optional[int] = None  # stop after this many epochs without a better val accuracy
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # of this model's training batches
 
@@ -73,16 +76,18 @@ class TeacherConfig(ModelConfig):
 
 @dataclass
 class DistillConfig:
+    """The objective is sum(w_i * term_i), divided by sum(w_i) when normalize_weights is true.
+
+    `losses` defaults to empty (then filled with seed 000's ce 0.5 + kd 0.5) because a recipe merges
+    into this map key by key: a non-empty default could only be added to, never replaced.
+    """
+
     temperature: float = 4.0  # default T of every term that uses one
-    # Loss terms by label: {label: {type: <registered loss, default = label>, weight: w, ...params}};
-    # `label: null` removes a term (e.g. a recipe's). The objective is sum(w_i * term_i), divided by
-    # sum(w_i) when normalize_weights is true.
-    # Empty means seed 000's objective, {ce: {weight: 0.5}, kd: {weight: 0.5}}. (Recipes merge
-    # into this dict key by key, so a non-empty default could not be replaced, only added to.)
+    # loss terms, {label: {type, weight, ...params}}; type defaults to the label; `label: null` drops a term
     losses: Dict[str, Any] = field(default_factory=dict)
     normalize_weights: bool = False  # divide the objective by the sum of the weights
     cache_soft_labels: bool = True  # reuse the teacher's logits when inputs are not augmented
-    cache_dir: Optional[str] = None  # None = $KDISTILL_CACHE_DIR or ~/.cache/kdistill/soft_labels
+    cache_dir: Optional[str] = None  # null = $KDISTILL_CACHE_DIR or ~/.cache/kdistill/soft_labels
 
 
 @dataclass
@@ -97,7 +102,7 @@ class RunConfig:
     name: str = "run"  # the run folder is <out_dir>/<name>
     out_dir: str = "runs"  # where run folders are made
     seed: int = 0  # fixes model init, shuffling, augmentation and dropout
-    threads: Optional[int] = None  # torch intra-op threads; None = PyTorch's default
+    threads: Optional[int] = None  # torch intra-op threads; null = PyTorch's default
     device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps; torchrun: cuda:LOCAL_RANK
     data: DataConfig = field(default_factory=DataConfig)  # what to train and test on
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the large model, trained or loaded

@@ -13,6 +13,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -88,7 +89,9 @@ def builder_arguments(builder: Callable) -> str:
     params = _keyword_parameters(builder) or {}
     shown = [p for name, p in params.items()
              if name not in ("input_shape", "num_classes") and p.kind is not p.VAR_KEYWORD]
-    return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in shown)
+    # Defaults as a recipe writes them (JSON is YAML): hidden=[1200, 1200], not (1200, 1200).
+    return ", ".join(p.name if p.default is p.empty else f"{p.name}={json.dumps(p.default, default=repr)}"
+                     for p in shown)
 
 
 def describe_error(error: BaseException) -> str:
@@ -124,22 +127,20 @@ def _user_model(spec: str, input_shape: tuple[int, int, int], num_classes: int,
         raise KdistillError(f"model {spec!r}: expected 'module.path:ClassName', e.g. 'mypkg.nets:SmallNet'")
     try:
         target: Any = importlib.import_module(module_path)
-        for attr in attr_path.split("."):
-            target = getattr(target, attr)
-    except ImportError as error:
-        raise KdistillError(f"model {spec!r}: cannot import {attr_path} from {module_path} ({error}); "
-                            "is the module on PYTHONPATH?") from error
-    except AttributeError as error:  # the module is there; the name is not
-        module = importlib.import_module(module_path)
-        classes = [name for name, value in vars(module).items()
-                   if isinstance(value, type) and issubclass(value, nn.Module) and not name.startswith("_")]
-        close = difflib.get_close_matches(attr_path, classes, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else \
-            f"its nn.Module classes: {', '.join(sorted(classes)) or 'none'}"
-        raise KdistillError(f"model {spec!r}: {module_path} has no {attr_path}; {hint}") from error
-    except Exception as error:  # the module's top-level code failed
+    except Exception as error:
+        missing = error.name if isinstance(error, ModuleNotFoundError) else None
+        if missing and f"{module_path}.".startswith(f"{missing}."):  # the module itself, or its package
+            raise KdistillError(f"model {spec!r}: cannot import {module_path} (no module named {missing!r}); is it "
+                                "installed, or its folder on PYTHONPATH?") from error
+        # Its top-level code failed, an import of its own included: PYTHONPATH is not the problem.
         raise KdistillError(f"model {spec!r}: importing {module_path} failed ({describe_error(error)}); "
                             "fix the module") from error
+    for attr in attr_path.split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError:
+            raise KdistillError(f"model {spec!r}: {module_path} has no {attr_path}; {_class_hint(target, attr)}") \
+                from None
     # Nothing is called until this holds: a recipe must not be able to run any function it names.
     if not (isinstance(target, type) and issubclass(target, nn.Module)):
         kind = "a class" if isinstance(target, type) else "a function" if inspect.isroutine(target) else "an object"
@@ -153,6 +154,14 @@ def _user_model(spec: str, input_shape: tuple[int, int, int], num_classes: int,
         _check_arguments(spec, target, kwargs, supplied=tuple(supplied))
         kwargs = {**supplied, **kwargs}
     return functools.partial(target, **kwargs)
+
+
+def _class_hint(namespace: Any, name: str) -> str:
+    """The nn.Module class of `namespace` (a module, or a class) closest to the misspelt `name`, or all of them."""
+    classes = [key for key, value in getattr(namespace, "__dict__", {}).items()
+               if isinstance(value, type) and issubclass(value, nn.Module) and not key.startswith("_")]
+    close = difflib.get_close_matches(name, classes, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"its nn.Module classes: {', '.join(sorted(classes)) or 'none'}"
 
 
 def _keyword_parameters(fn: Callable) -> dict[str, inspect.Parameter] | None:
