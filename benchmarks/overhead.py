@@ -4,22 +4,29 @@ Variants, each one full epoch over the Fashion-MNIST training split, interleaved
   baseline      the student with cross-entropy only
   kd/cached     0.5 CE + 0.5 KD, teacher logits looked up from the soft-label table
   kd/live       0.5 CE + 0.5 KD, teacher run on every batch (frozen, eval, inference mode)
+With `--augment` (random crop after 2 pixels of padding and horizontal flips), three more:
+  aug/baseline         the student with cross-entropy on augmented batches
+  aug/kd-live          KD, the teacher run on every augmented batch
+  aug/kd-cached-views  KD from the teacher's logits on `--views` fixed views of each sample
+                       (built once before timing; its build time is printed)
 The teacher is seed 000's TeacherModel (`--teacher`/`--student` to change); its weights do not
 change the cost, so it is used untrained unless `--teacher-checkpoint` is given.
 
     make bench-overhead      # or: python benchmarks/overhead.py --rounds 5
+    python -m benchmarks.overhead --augment --teacher resnet --teacher-kwargs '{"width": 64, "blocks": [2, 2, 2]}'
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
 from benchmarks.timing import check_environment, interleaved, median
 from kdistill.config import train_config
-from kdistill.data import BatchLoader, load_data
+from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller, teacher_logits
 from kdistill.losses import build_objective, cross_entropy_objective
 from kdistill.models import create_model
@@ -34,6 +41,8 @@ def main() -> None:
     parser.add_argument("--teacher-checkpoint", default=None)
     parser.add_argument("--student", default="seed_student")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--augment", action="store_true", help="also time augmented training (crop and flip)")
+    parser.add_argument("--views", type=int, default=8, help="views per sample of the cached-views table")
     args = parser.parse_args()
 
     data = load_data("fashion_mnist")
@@ -48,23 +57,40 @@ def main() -> None:
     quiet = Progress("quiet")
     kd = {"ce": {"weight": 0.5}, "kd": {"weight": 0.5}}
 
-    def epoch(make_distiller) -> float:
+    def epoch(make_distiller, on=loader) -> float:
         torch.manual_seed(0)
         student = create_model(args.student, shape, classes)
-        return fit(make_distiller(student), loader, cfg, progress=quiet).train_seconds
+        return fit(make_distiller(student), on, cfg, progress=quiet).train_seconds
 
     variants = {
         "baseline": lambda: epoch(lambda s: Distiller(None, s, cross_entropy_objective())),
         "kd/cached": lambda: epoch(lambda s: Distiller(None, s, build_objective(kd, 4.0), soft_labels=table)),
         "kd/live": lambda: epoch(lambda s: Distiller(teacher, s, build_objective(kd, 4.0))),
     }
+    if args.augment:
+        augment = Augment(crop_padding=2, hflip=True)
+        fresh = BatchLoader(data.train, 128, mean=data.mean, std=data.std, shuffle=True, augment=augment)
+        viewed = BatchLoader(data.train, 128, mean=data.mean, std=data.std, shuffle=True, augment=augment,
+                             views=args.views)
+        started = time.perf_counter()
+        views = teacher_logits(teacher, BatchLoader(data.train, 1000, mean=data.mean, std=data.std, augment=augment,
+                                                    views=args.views), args.views * len(data.train),
+                               args.precision).half()
+        print(f"cached-views table: {args.views} views x {len(data.train)} samples in "
+              f"{time.perf_counter() - started:.1f} s")
+        variants.update({
+            "aug/baseline": lambda: epoch(lambda s: Distiller(None, s, cross_entropy_objective()), fresh),
+            "aug/kd-live": lambda: epoch(lambda s: Distiller(teacher, s, build_objective(kd, 4.0)), fresh),
+            "aug/kd-cached-views": lambda: epoch(
+                lambda s: Distiller(None, s, build_objective(kd, 4.0), soft_labels=views), viewed),
+        })
     print(check_environment())
     interleaved(variants, 1)  # warm-up
     times = interleaved(variants, args.rounds)
-    base = median(times["baseline"])
-    print(f"{'variant':<10} {'s/epoch (median)':>17} {'/ baseline':>11}")
+    print(f"{'variant':<20} {'s/epoch (median)':>17} {'/ its baseline':>15}")
     for name, values in times.items():
-        print(f"{name:<10} {median(values):>17.2f} {median(values) / base:>11.3f}")
+        base = median(times["aug/baseline" if name.startswith("aug/") else "baseline"])
+        print(f"{name:<20} {median(values):>17.2f} {median(values) / base:>15.3f}")
     print(json.dumps({name: values for name, values in times.items()}))
 
 

@@ -7,7 +7,10 @@ Same data (Fashion-MNIST train split), batch size, optimizer and number of sampl
   kdistill              kdistill.train.fit with BatchLoader (batches sliced from memory)
   kdistill/bf16         the same with train.precision=bf16
   .../compile           the same with train.compile=true (steady state: the warm-up round compiles)
-Prints samples/s (median over interleaved rounds of one epoch each) and ratios.
+  kdistill/aug-crop-flip   kdistill with crop after 2 pixels of padding and flips (`--augment`)
+  kdistill/aug-all         kdistill with resized crop, flips, colour jitter, cutout and mixup (`--augment`)
+Prints samples/s (median over interleaved rounds of one epoch each) and ratios; with `--augment`,
+also each augmentation's cost: the extra seconds of an augmented epoch over a plain one.
 
     make bench-throughput      # or: python -m benchmarks.throughput --rounds 5
     python -m benchmarks.throughput --device cuda   # on a GPU: the plain loop copies pinned batches,
@@ -27,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.timing import check_environment, interleaved, median
 from kdistill.config import train_config
-from kdistill.data import BatchLoader, load_data
+from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller
 from kdistill.losses import cross_entropy_objective
 from kdistill.models import create_model
@@ -88,6 +91,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave out the train.compile variants")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="kdistill variants to time (bf16 is slow on CPUs without AVX-512 BF16 or AMX)")
+    parser.add_argument("--augment", action="store_true", help="also time fp32 training with augmentations")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -102,13 +106,13 @@ def main() -> None:
     batch_loader = BatchLoader(subset, args.batch_size, mean=data.mean, std=data.std, shuffle=True, device=device)
     quiet = Progress("quiet")
 
-    def kdistill_epoch(precision: str, compile: bool = False):
+    def kdistill_epoch(precision: str, compile: bool = False, loader=batch_loader):
         """The second epoch of a two-epoch fit: steady state (the first one compiles, with compile)."""
         model = create_model("seed_student", data.input_shape, data.num_classes)
         cfg = train_config(epochs=2, batch_size=args.batch_size, optimizer="adam", lr=0.01, precision=precision,
                            compile=compile)
         distiller = Distiller(None, model, cross_entropy_objective(), device=device)
-        return fit(distiller, batch_loader, cfg, progress=quiet).history[-1]["epoch_seconds"]
+        return fit(distiller, loader, cfg, progress=quiet).history[-1]["epoch_seconds"]
 
     def timed_plain(make_model):
         model = make_model().to(device)
@@ -128,6 +132,14 @@ def main() -> None:
         variants[name] = lambda p=precision: kdistill_epoch(p)
         if not args.no_compile:
             variants[f"{name}/compile"] = lambda p=precision: kdistill_epoch(p, compile=True)
+    augments = {
+        "kdistill/aug-crop-flip": Augment(crop_padding=2, hflip=True),
+        "kdistill/aug-all": Augment(resized_crop=(0.35, 1.0), hflip=True, color_jitter=0.4, cutout=8, mixup=0.2),
+    } if args.augment else {}
+    for name, augment in augments.items():
+        loader = BatchLoader(subset, args.batch_size, mean=data.mean, std=data.std, shuffle=True, device=device,
+                             augment=augment, num_classes=data.num_classes)
+        variants[name] = lambda a=loader: kdistill_epoch("fp32", loader=a)
     print(check_environment(), f"device {device}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     warmup = interleaved(variants, 1)  # not counted: compiles, fills caches
     print("warm-up round (s):", {name: round(t[0], 1) for name, t in warmup.items()})
@@ -137,6 +149,8 @@ def main() -> None:
     print(f"{'variant':<22} {'samples/s':>10} {'x seed loop':>12}")
     for name, value in rate.items():
         print(f"{name:<22} {value:>10.0f} {value / reference:>12.2f}")
+    for name in augments:  # the extra time of an augmented epoch, as a share of a plain kdistill epoch
+        print(f"{name}: augmentation costs {100 * (rate['kdistill'] / rate[name] - 1):+.1f} % of a training step")
     print(json.dumps({"samples_per_second": rate, "rounds": args.rounds, "samples": args.samples,
                       "device": str(device)}))
 

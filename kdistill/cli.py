@@ -64,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
                                   "writes nothing")
     _recipe_command(sub, "config", "print the resolved config, every key with its help (valid YAML: save it as a "
                                    "recipe)")
+    sweep = sub.add_parser(
+        "sweep", help="run a recipe over a grid of config values and seeds; one results table",
+        description="Run RECIPE once per combination of the values given (and per seed), each an ordinary run "
+                    "folder under <out_dir>/<name>; the teacher is trained once per distinct teacher config and "
+                    "shared, baselines once per distinct student and training. Finished cells are skipped, so "
+                    "running the same command again resumes a killed sweep. Writes results.md and results.csv.",
+        epilog="example: kdistill sweep seed_fashion_mnist distill.temperature=1,4,8 --seeds 0,1,2 --jobs 2\n"
+               "a single value (key=v) applies to every cell; commas inside [...] or {...} do not split values",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("recipe", help="YAML recipe file, or a built-in recipe's name")
+    sweep.add_argument("overrides", nargs="*", metavar="key=v1,v2,...", help="the grid's axes")
+    sweep.add_argument("--seeds", default=None, help="seeds to run every grid point with, e.g. 0,1,2 "
+                                                     "(default: the recipe's seed)")
+    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="cells run at once, each with its share of the CPU threads (or its own GPU)")
+    sweep.add_argument("--name", default=None, help="the sweep folder's name under out_dir (default: <recipe "
+                                                    "name>_sweep)")
     listing = sub.add_parser("list", help="list built-in recipes, registered data sets, models or losses")
     listing.add_argument("kind", nargs="?", choices=LISTS, default=None)
     return parser
@@ -110,6 +127,17 @@ def _trained(args) -> tuple[str, ...]:
         return ("baseline",) if args.baseline else ("teacher",)
     return {"run": ("teacher", "baseline", "student"), "distill": ("student",),
             "soft-labels": ("teacher",)}.get(args.command, ())
+
+
+def _sweep(args) -> None:
+    from kdistill.sweep import Sweep, parse_seeds
+
+    sweep = Sweep(args.recipe, args.overrides, parse_seeds(args.seeds), name=args.name, jobs=args.jobs)
+    print(f"sweep {sweep.folder}: {len(sweep.cells)} runs ({len(sweep.cells) // len(sweep.seeds)} grid points x "
+          f"{len(sweep.seeds)} seeds), {args.jobs} at a time", flush=True)
+    path = sweep.run()
+    print(path.read_text(), end="")
+    print(f"\nresults: {path} and {path.with_suffix('.csv')}")
 
 
 def _run(args) -> None:
@@ -160,12 +188,13 @@ def _step(args, pipeline) -> None:
         say(f"student: {pipeline.run_dir / 'student'}")
     elif command == "soft-labels":
         if pipeline.teacher_signal == "live":
-            say("note: this recipe's student gets a live teacher (augmented inputs or tapped features); "
-                  "the cache built here serves unaugmented runs", file=sys.stderr)
+            say(f"note: this recipe's student gets a live teacher ({pipeline.signal_reason}); "
+                "the cache built here serves unaugmented runs", file=sys.stderr)
         logits, path, built, seconds = pipeline.soft_labels()
         size = path.stat().st_size
-        say(f"{'built' if built else 'already cached'}: {path} ({logits.shape[0]} x {logits.shape[1]} logits, "
-              f"{size / 1024:.0f} KiB, {seconds:.1f}s)")
+        rows = f"{pipeline.views} views x {logits.shape[0] // pipeline.views}" if pipeline.views else logits.shape[0]
+        say(f"{'built' if built else 'already cached'}: {path} ({rows} x {logits.shape[1]} logits, "
+            f"{size / 1024:.0f} KiB, {seconds:.1f}s)")
     elif command == "eval":
         say(pipeline.report(pipeline.evaluate()))
     elif command == "report":
@@ -243,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                 return launch(_without_nproc(sys.argv[1:] if argv is None else list(argv)), nproc)
             if args.command == "list":
                 _list(args.kind)
+            elif args.command == "sweep":
+                _sweep(args)
             else:
                 _run(args)
         except KdistillError as err:

@@ -186,23 +186,26 @@ def cross_entropy(
 
         -sum_c ((1 - eps) * y_c + eps / C) * log softmax(z)_c
 
-    ``labels`` are class indices of shape ``[N]``; label -100 is ignored (excluded from
-    "mean"), as in ``F.cross_entropy``. Label smoothing: Szegedy, Vanhoucke,
+    ``labels`` are class indices of shape ``[N]`` (label -100 is ignored, excluded from
+    "mean", as in ``F.cross_entropy``), or class probabilities of the logits' shape (mixup and
+    cutmix blend one-hot labels; then y above is that distribution). Label smoothing: Szegedy, Vanhoucke,
     Ioffe, Shlens, Wojna (2016), "Rethinking the Inception Architecture for Computer Vision".
     """
     _check_reduction(reduction)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    if labels.shape != logits.shape[:-1]:
+    probabilities = labels.is_floating_point()
+    if labels.shape != (logits.shape if probabilities else logits.shape[:-1]):
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} must be logits shape without the class dim, "
-            f"got logits {tuple(logits.shape)}"
+            f"labels shape {tuple(labels.shape)} must be logits shape without the class dim (class indices) "
+            f"or logits shape (class probabilities), got logits {tuple(logits.shape)}"
         )
     # Flatten so that the class dim is the last one also for extra leading dims.
+    classes = logits.shape[-1]
     loss = F.cross_entropy(
-        _upcast(logits).reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
+        _upcast(logits).reshape(-1, classes),
+        _upcast(labels).reshape(-1, classes) if probabilities else labels.reshape(-1),
         label_smoothing=label_smoothing,
         reduction=reduction,
     )
-    return loss.reshape(labels.shape) if reduction == "none" else loss
+    return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss

@@ -39,7 +39,7 @@ from torch import nn
 from kdistill import __version__
 from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller, cached_teacher_logits
-from kdistill.distill.signals import check_cache_dir, default_cache_dir, weights_digest
+from kdistill.distill.signals import check_cache_dir, choose_teacher_signal, default_cache_dir, weights_digest
 from kdistill.errors import KdistillError
 from kdistill.evaluation import gap_recovered, latency_ms, machine_load, model_metrics
 from kdistill.losses import build_objective, cross_entropy_objective
@@ -104,6 +104,10 @@ class Pipeline:
                 _check_trainable(model, f"{role} '{self.specs[role].name}'", self.data.input_shape)
         self.objective = build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
                                          cfg.train.label_smoothing)
+        self.teacher_signal, self.signal_reason = ("none", "no loss term reads the teacher") \
+            if not self.objective.needs_teacher else \
+            choose_teacher_signal(cfg.distill.teacher_signal, augmentation(cfg.train), 
+                                  bool(self.objective.teacher_taps))
         self._check_paths()
         discard = set(discard)
         if not claim:  # `kdistill check`: the verdict `run` would reach, without writing anything
@@ -113,7 +117,7 @@ class Pipeline:
         try:
             if self.main:
                 self._claim_run_dir(discard)
-                if self.teacher_signal == "cached":  # after the claim: the cache may live inside the run folder
+                if self.cached:  # after the claim: the cache may live inside the run folder
                     check_cache_dir(self.cache_dir)
             distributed.barrier()  # the others go on once the folder is claimed (and cleared)
         except BaseException:
@@ -141,6 +145,9 @@ class Pipeline:
             if padding > min(height, width) // 2:
                 raise KdistillError(f"{key}.augment.crop_padding={padding} is too large for {height}x{width} images: "
                                     f"crops would be mostly black padding; use at most {min(height, width) // 2}")
+            if train.augment.cutout > min(height, width):
+                raise KdistillError(f"{key}.augment.cutout={train.augment.cutout} is larger than the {height}x{width} "
+                                    f"images: it would erase whole images; use at most {min(height, width) // 2}")
         image_bytes = 4 * channels * height * width
         for key, sizes in (("eval.latency_batches", self.cfg.eval.latency_batches),
                            ("eval.batch_size", [self.cfg.eval.batch_size])):
@@ -163,7 +170,7 @@ class Pipeline:
 
     def _check_cache_place(self) -> None:
         """Whether the soft-label cache could be made, without making it (for `kdistill check`)."""
-        if self.teacher_signal != "cached":
+        if not self.cached:
             return
         place = self.cache_dir
         while not place.exists() and place != place.parent:
@@ -332,20 +339,33 @@ class Pipeline:
         return self.done(role) or (role == "teacher" and bool(self.cfg.teacher.checkpoint))
 
     # -- data ------------------------------------------------------------------------------
-    def loader(self, split: str, train_cfg=None, *, shard: bool = False) -> BatchLoader:
+    def loader(self, split: str, train_cfg=None, *, shard: bool = False, views: int = 0) -> BatchLoader:
         """Training loader (shuffled, augmented) when train_cfg is given, else an evaluation one.
 
         Batches are built on the run's device. A training loader, and an evaluation one with `shard`,
-        gives this process its share of every batch under torchrun.
+        gives this process its share of every batch under torchrun. `views` > 0: each sample takes
+        one of that many fixed views of the student's augmentation (an evaluation loader: view by view).
         """
         data, cfg = self.data, self.cfg
-        where = {"device": self.device, "on_device": cfg.data.on_device}
+        where = {"device": self.device, "on_device": cfg.data.on_device, "views": views,
+                 "num_classes": data.num_classes}
         if train_cfg is not None or shard:
             where.update(rank=distributed.rank(), world_size=distributed.world_size())
         if train_cfg is not None:
             return BatchLoader(getattr(data, split), train_cfg.batch_size, mean=data.mean, std=data.std,
                                shuffle=True, augment=augmentation(train_cfg), seed=cfg.seed, **where)
-        return BatchLoader(getattr(data, split), cfg.eval.batch_size, mean=data.mean, std=data.std, **where)
+        return BatchLoader(getattr(data, split), cfg.eval.batch_size, mean=data.mean, std=data.std,
+                           augment=augmentation(cfg.train) if views else None, **where)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the student learns from the soft-label cache (plain or views)."""
+        return self.teacher_signal in ("cached", "cached_views")
+
+    @property
+    def views(self) -> int:
+        """Views per sample in the teacher's table: distill.views with cached_views, else 0."""
+        return self.cfg.distill.views if self.teacher_signal == "cached_views" else 0
 
     # -- models ----------------------------------------------------------------------------
     def build(self, role: str) -> nn.Module:
@@ -398,7 +418,7 @@ class Pipeline:
             distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing), device=self.device)
         # A resumed distillation must go on from the same teacher and objective (a checkpoint file or the
         # teacher's code may have changed in between).
-        loader = self.loader("train", train_cfg)
+        loader = self.loader("train", train_cfg, views=self.views if role == "student" else 0)
         result = fit(distiller, loader, train_cfg, val_loader=self.loader("val", shard=True), out_dir=out,
                      resume=self.resume, seed=cfg.seed, progress=self.progress, label=role,
                      inputs=distiller.fingerprint(loader))
@@ -430,19 +450,12 @@ class Pipeline:
             raise KdistillError(f"{self.role_dir('student')} was distilled from another teacher than this run's; "
                                 "retrain it with `kdistill distill --force`, or start over with `kdistill run --force`")
 
-    @property
-    def teacher_signal(self) -> str:
-        if not self.objective.needs_teacher:
-            return "none"
-        if self.cfg.distill.cache_soft_labels and augmentation(self.cfg.train) is None \
-                and not self.objective.teacher_taps:
-            return "cached"
-        return "live"
-
     def soft_labels(self) -> tuple[torch.Tensor, Path, bool, float]:
-        """The teacher's logits for every training sample: cached on disk, built if missing."""
+        """The teacher's logits for every training sample (for each of its views with cached_views): cached on
+        disk, built if missing."""
         started = time.perf_counter()
-        loader = self.loader("train")  # in order, unaugmented: the same preprocessing as evaluation
+        # In order; unaugmented (the same preprocessing as evaluation), or view by view.
+        loader = self.loader("train", views=self.views)
         teacher_config = OmegaConf.to_yaml({"name": self.cfg.teacher.name, "kwargs": self.cfg.teacher.kwargs},
                                            resolve=True)
         teacher = self.model("teacher")
@@ -454,11 +467,13 @@ class Pipeline:
 
     def _distiller(self, student: nn.Module) -> Distiller:
         signal = self.teacher_signal
+        self.progress.line(f"[student] teacher signal: {signal} ({self.signal_reason})")
         soft_labels = None
-        if signal == "cached":
+        if self.cached:
             soft_labels, path, built, seconds = self.soft_labels()
             verb = "computed and stored" if built else "loaded"
-            self.progress.line(f"[student] soft labels {verb} in {seconds:.1f}s: {path}")
+            what = f"{self.views} views of each sample" if self.views else "each sample"
+            self.progress.line(f"[student] soft labels ({what}) {verb} in {seconds:.1f}s: {path}")
         teacher = self.model("teacher") if signal == "live" else None
         distiller = Distiller(teacher, student, self.objective, soft_labels=soft_labels, device=self.device)
         distiller.warn_if_teacher_untrained(self.loader("train"))
@@ -580,7 +595,7 @@ class Pipeline:
                      + f"; precision: teacher {cfg.teacher.train.precision}, students {cfg.train.precision}")
         terms = " + ".join(f"{w:g} {label}" for label, w in self.objective.weights.items())
         lines.append(f"objective: {terms}; teacher signal: {self.teacher_signal}"
-                     + (f" (cache: {self.cache_dir})" if self.teacher_signal == "cached" else ""))
+                     + (f" (cache: {self.cache_dir})" if self.cached else ""))
         return "\n".join(lines)
 
 
@@ -637,7 +652,10 @@ def _check_trainable(model: nn.Module, what: str, input_shape) -> None:
 
 
 def augmentation(train_cfg) -> Augment | None:
-    augment = Augment(crop_padding=train_cfg.augment.crop_padding, hflip=train_cfg.augment.hflip)
+    """The Augment of a model's training batches (None when every augmentation is off)."""
+    options = OmegaConf.to_container(train_cfg.augment, resolve=True)
+    augment = Augment(**{**options, "resized_crop": None if options["resized_crop"] is None
+                         else tuple(options["resized_crop"])})
     return augment if augment.enabled else None
 
 

@@ -398,21 +398,25 @@ def test_hflip_mirrors_the_flipped_samples_only():
     assert torch.all(flipped ^ unchanged) and 10 < flipped.sum() < 54
 
 
-@pytest.mark.parametrize("hflip", [False, True])
-def test_crop_matches_naive_per_sample_loop(hflip):
+@pytest.mark.parametrize("flips", [(False, False), (True, False), (True, True)])
+def test_crop_matches_naive_per_sample_loop(flips):
     x, p = torch.rand(32, 3, 6, 5), 2
-    augment = Augment(crop_padding=p, hflip=hflip)
-    out = augment(x, torch.Generator().manual_seed(5))
+    augment = Augment(crop_padding=p, hflip=flips[0], vflip=flips[1])
+    draws = augment.draw(32, torch.Generator().manual_seed(5))
+    out = augment.apply(x, draws)
     assert out.shape == x.shape
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(5)))  # the same draws, drawn inside
 
-    g = torch.Generator().manual_seed(5)  # same draws, in the documented order: flips, then offsets
-    flips = torch.rand(32, generator=g) < 0.5 if hflip else torch.zeros(32, dtype=torch.bool)
-    dy, dx = torch.randint(0, 2 * p + 1, (2, 32), generator=g)
+    no = torch.zeros(32, dtype=torch.bool)
+    hflip, vflip = (no if f is None else f for f in (draws.get("hflip"), draws.get("vflip")))
+    dy, dx = draws.get("offsets").T
     padded = F.pad(x, (p, p, p, p))
     for i in range(32):
-        source = padded[i].flip(-1) if flips[i] else padded[i]
+        source = padded[i].flip(-1) if hflip[i] else padded[i]
+        source = source.flip(-2) if vflip[i] else source
         assert torch.equal(out[i], source[:, dy[i]:dy[i] + 6, dx[i]:dx[i] + 5])
     assert len(set(zip(dy.tolist(), dx.tolist(), strict=True))) > 5
+    assert 5 < hflip.sum() < 27 if flips[0] else not hflip.any()
 
 
 @pytest.mark.parametrize("kwargs", [{"crop_padding": -1}, {"crop_padding": 1.5}, {"hflip": "yes"}])

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from kdistill.cli import main
@@ -132,8 +133,19 @@ def test_steps_alone(tmp_path, soft_label_cache, capsys):
     assert (tmp_path / "runs" / "digits_quick" / "report.md").exists()
 
 
-def test_augmented_run_uses_the_live_teacher(tmp_path, soft_label_cache):
-    assert run_cli(tmp_path, "run", "--quiet", "train.augment.crop_padding=1") == 0
+def test_an_augmented_run_learns_from_cached_views(tmp_path, soft_label_cache, capsys):
+    assert run_cli(tmp_path, "run", "train.augment.crop_padding=1", "distill.views=3") == 0
+    assert "teacher signal: cached_views (per-sample augmentation" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "runs" / "digits_quick" / "metrics.json").read_text())
+    assert metrics["teacher_signal"] == "cached_views"
+    (entry,) = soft_label_cache.glob("*.safetensors")
+    logits = load_file(entry)["logits"]
+    assert logits.dtype == torch.float16 and logits.shape == (3 * metrics["data"]["sizes"]["train"], 10)
+
+
+def test_a_mixed_run_uses_the_live_teacher(tmp_path, soft_label_cache, capsys):
+    assert run_cli(tmp_path, "run", "train.augment.mixup=0.2") == 0
+    assert "teacher signal: live (mixup / cutmix: the teacher sees each mixed batch)" in capsys.readouterr().err
     metrics = json.loads((tmp_path / "runs" / "digits_quick" / "metrics.json").read_text())
     assert metrics["teacher_signal"] == "live"
     assert not list(soft_label_cache.glob("*.safetensors"))

@@ -25,6 +25,8 @@ from kdistill.train.devices import DEVICE_PATTERN, PRECISIONS
 MAX_SEED = 2**31 - 1  # a signed 32-bit int: every random generator takes it
 MAX_COUNT = 100_000  # epochs, step_epochs, early_stop_patience: far beyond any real run, small enough to be safe
 MAX_BATCH = 2**20
+TEACHER_SIGNALS = ("auto", "live", "cached", "cached_views")
+MAX_VIEWS = 1024  # a table of views x samples x classes logits: far beyond this it is no cache
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
 # Maps whose keys the schema does not fix: a `{...}` override replaces them (or a map inside them) whole.
 FREE_FORM_MAPS = ("teacher.kwargs", "student.kwargs", "distill.losses")
@@ -254,6 +256,14 @@ def check_training(train: DictConfig, prefix: str) -> None:
     _in_range(train.grad_clip, key("grad_clip"), 0, open_low=True, null_ok=True)
     _in_range(train.label_smoothing, key("label_smoothing"), 0, 1, open_high=True)
     _in_range(train.augment.crop_padding, key("augment.crop_padding"), 0, 64)
+    _in_range(train.augment.cutout, key("augment.cutout"), 0, 4096)
+    _in_range(train.augment.color_jitter, key("augment.color_jitter"), 0, 1)
+    _in_range(train.augment.mixup, key("augment.mixup"), 0, 100)
+    _in_range(train.augment.cutmix, key("augment.cutmix"), 0, 100)
+    scale = train.augment.resized_crop
+    if scale is not None:
+        _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, key("augment.resized_crop"),
+               f"must be [min, max] area fractions with 0 < min <= max <= 1, got {list(scale)}; e.g. [0.35, 1]")
     _in_range(train.early_stop_patience, key("early_stop_patience"), 1, MAX_COUNT, null_ok=True)
     _in_range(train.log_every_steps, key("log_every_steps"), 1, 10**9)
     _in_range(train.checkpoint_every_steps, key("checkpoint_every_steps"), 1, 10**9, null_ok=True)
@@ -314,6 +324,11 @@ def validate(cfg: DictConfig) -> None:
     _in_range(cfg.data.image_size, "data.image_size", 1, 4096, null_ok=True)
     _in_range(cfg.data.split_seed, "data.split_seed", 0, MAX_SEED)
     _in_range(cfg.distill.temperature, "distill.temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
+    _check(cfg.distill.teacher_signal in TEACHER_SIGNALS, "distill.teacher_signal",
+           f"{cfg.distill.teacher_signal!r} is not one of {', '.join(TEACHER_SIGNALS)}")
+    _check(is_number(cfg.distill.views) and 1 <= cfg.distill.views <= MAX_VIEWS, "distill.views",
+           f"the teacher's logits are cached for this many augmented views of each sample: give 1 to {MAX_VIEWS}, "
+           f"got {cfg.distill.views!r}")
     _in_range(cfg.eval.batch_size, "eval.batch_size", 1, MAX_BATCH)
     _in_range(cfg.eval.latency_repeats, "eval.latency_repeats", 1, 10_000)
     batches = cfg.eval.latency_batches

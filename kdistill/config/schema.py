@@ -15,8 +15,16 @@ from typing import Any, Dict, List, Optional
 
 @dataclass
 class AugmentConfig:
+    """Batch augmentations on the training device (kdistill.data.Augment); all off by default."""
+
+    resized_crop: Optional[List[float]] = None  # random resized crop: [min, max] area fraction, e.g. [0.35, 1]
     crop_padding: int = 0  # random crop after zero-padding this many pixels per side; 0 = off
     hflip: bool = False  # random horizontal flip (fine for clothes, wrong for digits)
+    vflip: bool = False  # random vertical flip
+    color_jitter: float = 0.0  # brightness, contrast, saturation each scaled by a factor in [1 - s, 1 + s]; 0 = off
+    cutout: int = 0  # zero a square of this side in pixels at a random centre (DeVries & Taylor 2017); 0 = off
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) blend (Zhang et al. 2018); 0 = off
+    cutmix: float = 0.0  # alpha of cutmix's Beta blend (Yun et al. 2019); 0 = off; with mixup, one per batch
 
 
 @dataclass
@@ -86,7 +94,10 @@ class DistillConfig:
     # loss terms, {label: {type, weight, ...params}}; type defaults to the label; `label: null` drops a term
     losses: Dict[str, Any] = field(default_factory=dict)
     normalize_weights: bool = False  # divide the objective by the sum of the weights
-    cache_soft_labels: bool = True  # reuse the teacher's logits when inputs are not augmented
+    # auto: cached without augmentation, cached_views with per-sample augmentation, live with mixup,
+    # cutmix or tapped teacher features; cached needs unaugmented inputs, cached_views augmented ones.
+    teacher_signal: str = "auto"  # where the student's targets come from: auto | live | cached | cached_views
+    views: int = 8  # cached_views: the teacher's logits are stored for this many augmented views of each sample
     cache_dir: Optional[str] = None  # null = $KDISTILL_CACHE_DIR or ~/.cache/kdistill/soft_labels
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from kdistill.data.augment import Augment
+from kdistill.data.augment import Augment, Draws
 from kdistill.data.sets import ImageSet
 from kdistill.errors import KdistillError
 
@@ -20,8 +20,10 @@ ON_DEVICE_SHARE = 0.25
 
 class _BatchFields(NamedTuple):
     inputs: torch.Tensor  # float32 [B, C, H, W], normalised
-    labels: torch.Tensor  # int64 [B]
-    index: torch.Tensor  # int64 [B], positions in the ImageSet (for soft-label cache look-ups)
+    labels: torch.Tensor  # int64 [B]; float [B, C] class probabilities when batches are mixed (mixup, cutmix)
+    # int64 [B]: rows of the teacher's logit table, the sample's position in the ImageSet
+    # (plus view * len(ImageSet) when the loader draws cached views)
+    index: torch.Tensor
 
 
 class Batch(_BatchFields):
@@ -64,12 +66,19 @@ class BatchLoader:
     shuffling (training), a last global batch smaller than `world_size` is dropped in every process
     (at most world_size - 1 samples per epoch), so every process takes the same number of steps;
     otherwise (evaluation) every sample is kept, and a process with no rows of it skips it.
+    Mixup and cutmix pair rows within each process's share of a batch, so with them the batches
+    of several processes are not exactly the single-process ones.
+
+    views: 0 draws fresh augmentation choices every epoch. K > 0 gives each sample, every epoch,
+    one of K fixed views (`Augment.view`), and `index` then names the (view, sample) row of a
+    teacher table of K * N logits. `set_view(v)` makes every sample take view v (to build that table).
+    `num_classes` is needed by mixup and cutmix (the labels become class probabilities).
     """
 
     def __init__(self, data: ImageSet, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
                  shuffle: bool = False, augment: Augment | None = None, seed: int = 0, drop_last: bool = False,
                  device: torch.device | str | None = None, on_device: bool | str = "auto", rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, views: int = 0, num_classes: int | None = None):
         channels = data.images.shape[1]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise KdistillError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -84,6 +93,18 @@ class BatchLoader:
             raise KdistillError(f"world_size must be a positive integer, got {world_size!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise KdistillError(f"rank must be an integer with 0 <= rank < world_size ({world_size}), got {rank!r}")
+        if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+            raise KdistillError(f"views must be a non-negative integer (0 = fresh augmentation), got {views!r}")
+        if views and (augment is None or not augment.per_sample):
+            raise KdistillError("views > 0 needs an augment with a per-sample transform: without one every view "
+                                "is the plain image")
+        if views and augment.mixes:
+            raise KdistillError("mixup and cutmix blend two samples per batch, so their teacher outputs cannot be "
+                                "cached as views: use views=0 (a live teacher)")
+        if augment is not None and augment.mixes and (isinstance(num_classes, bool)
+                                                       or not isinstance(num_classes, int) or num_classes < 2):
+            raise KdistillError(f"mixup and cutmix need num_classes (an integer >= 2) to blend the labels, "
+                                f"got {num_classes!r}")
         if not isinstance(on_device, bool) and on_device != "auto":
             raise KdistillError(f"on_device must be True, False or 'auto', got {on_device!r}")
         try:
@@ -99,13 +120,16 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.on_device = _fits(data, self.device) if on_device == "auto" else on_device
         self.epoch, self.start_step = 0, 0
+        self.views, self.view, self.num_classes = views, None, num_classes
+        self._view_draws = None  # every view's choices on the device, made at the first iteration that needs them
         self._source = None  # (images, labels) on the device, moved at the first iteration when on_device
         mean = tuple(float(m) for m in mean)
         std = tuple(float(s) for s in std)
         # Per-channel constants built once, on the batches' device; each batch then normalises in place.
         self._shift = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._scale = torch.tensor([1 / s for s in std], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.preprocessing = f"normalize(mean={mean!r}, std={std!r}); augment={self.augment!r}"
+        self.preprocessing = f"normalize(mean={mean!r}, std={std!r}); augment={self.augment!r}" + \
+            (f"; views={views}" if views else "")
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Pick the epoch whose shuffle order and augmentation the next iterations produce; the next iteration
@@ -115,6 +139,12 @@ class BatchLoader:
         if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= len(self):
             raise KdistillError(f"start_step must be an integer in [0, {len(self)}], got {start_step!r}")
         self.epoch, self.start_step = epoch, start_step
+
+    def set_view(self, view: int | None) -> None:
+        """Make every sample take view `view` (None: each its own, drawn per epoch)."""
+        if view is not None and (isinstance(view, bool) or not isinstance(view, int) or not 0 <= view < self.views):
+            raise KdistillError(f"view must be None or an integer in [0, {self.views}), got {view!r}")
+        self.view = view
 
     @property
     def num_samples(self) -> int:
@@ -134,8 +164,21 @@ class BatchLoader:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.data)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        # The draws are tiny (17 bytes a sample): on the device once per epoch, whichever path batches take.
-        draws = self.augment.draw(n, generator).to(self.device) if self.augment is not None else None
+        view = None
+        if self.views:
+            # Which view each sample takes this epoch; its choices are the view's, made once per loader.
+            view = torch.full((n,), self.view) if self.view is not None else \
+                torch.randint(self.views, (n,), generator=generator)
+            if self._view_draws is None:
+                self._view_draws = [self.augment.view(n, v).to(self.device) for v in range(self.views)]
+            view = view.to(self.device)
+            draws = Draws.choose(self._view_draws, view)
+        elif self.augment is not None and self.augment.per_sample:
+            # The draws are small (tens of bytes a sample): on the device once per epoch, whichever path batches take.
+            draws = self.augment.draw(n, generator).to(self.device)
+        else:
+            draws = None
+        mixings = self.augment.draw_mixing(len(self), generator) if self.augment is not None else None
         images, labels = self.data.images, self.data.labels
         if self.on_device:
             if self._source is None:
@@ -156,8 +199,15 @@ class BatchLoader:
                 x, y, index = copy(x), copy(y), copy(index)
             x = x.float().div_(255)  # uint8 crosses to the device: a quarter of the float32 bytes
             if draws is not None:
-                x = self.augment.apply(x, draws[low:high])
+                rows = draws[index]  # each sample's own choices (index is on the device by now)
+                x = self.augment.apply(x, rows)
             x = x.sub_(self._shift).mul_(self._scale)
+            if draws is not None:
+                x = self.augment.cut_out(x, rows)
+            if mixings is not None and self.augment.mixes:
+                x, y = self.augment.mix(x, y, self.num_classes, mixings[start // self.batch_size])
+            if view is not None:
+                index = view[index] * n + index
             yield Batch(x, y, index, (high - low) * w / size)
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from kdistill.errors import KdistillError
 from kdistill.losses import DEFAULT_LOSSES, DistillInputs, Objective, build_objective
 from kdistill.models.registry import describe_error
 from kdistill.train.devices import device_of, resolve_device
-from kdistill.train.loop import unpack
+from kdistill.train.loop import class_of, unpack
 
 # TrainConfig fields that configure kdistill's own loader or plain training, not a Distiller's:
 # accepting them from Python and ignoring them would train with other settings than asked for.
@@ -118,6 +118,10 @@ class Distiller(nn.Module):
         logits = _run_model(f"student ({type(self.student).__name__})", self.student, inputs)
         student_features = self.student_taps.pop() if self.student_taps else {}
         teacher = None
+        if labels.ndim == 2 and isinstance(self.signal, CachedTeacher):
+            raise KdistillError("this batch is mixed (mixup or cutmix: its labels are class probabilities) but the "
+                                "teacher's logits are cached for unmixed samples: distill mixed batches with a live "
+                                "teacher")
         if self.signal is not None:
             teacher = _run_model(f"teacher ({type(self.teacher).__name__})", lambda x: self.signal(x, index), inputs)
         loss, terms = self.objective(
@@ -140,7 +144,7 @@ class Distiller(nn.Module):
         for batch in itertools.islice(loader, max_batches):
             inputs, labels, index = (None if t is None else t.to(self.device) for t in unpack(batch))
             logits = self.signal(inputs, index).logits
-            correct += int((logits.argmax(1) == labels).sum())
+            correct += int((logits.argmax(1) == class_of(labels)).sum())
             total += labels.numel()
             classes = logits.shape[1]
         return (correct / total, total, classes) if total else None

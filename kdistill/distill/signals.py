@@ -2,9 +2,12 @@
 
 The student code does not care which: both give `TeacherOutput(logits, features)` for a batch.
 `LiveTeacher` runs the frozen teacher (eval mode, inference mode) on exactly the inputs the
-student sees (needed with augmentation). `CachedTeacher` looks the logits up by sample index in
-a table computed once per (teacher, data, preprocessing) and kept on disk, with the teacher's
-outputs on a few probe inputs that tell, on every load, whether the teacher still behaves the same.
+student sees (needed with mixup, cutmix and tapped features). `CachedTeacher` looks the logits up
+by sample index in a table computed once per (teacher, data, preprocessing) and kept on disk, with
+the teacher's outputs on a few probe inputs that tell, on every load, whether the teacher still
+behaves the same. With per-sample augmentation the table holds K augmented views of every sample
+(Shen & Xing 2022): the loader regenerates exactly the view whose logits are stored, so the student
+is never taught on a view the teacher did not see (which Beyer et al. 2022 found hurts).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kdistill.data.augment import Augment
 from kdistill.distill.taps import FeatureTaps
 from kdistill.errors import KdistillError
 from kdistill.storage import exclusive_lock, remove_stale_temporaries
@@ -68,11 +72,49 @@ class LiveTeacher:
         return logits, (self.taps.pop() if self.taps else {})
 
 
+SIGNALS = ("auto", "live", "cached", "cached_views")
+
+
+def choose_teacher_signal(requested: str, augment: Augment | None, taps_teacher: bool) -> tuple[str, str]:
+    """(signal, why) for a distillation that needs the teacher: `requested` is distill.teacher_signal.
+
+    auto picks the cheapest correct signal: cached logits without augmentation, cached views with
+    per-sample augmentation, the live teacher when batches are mixed or its features are tapped.
+    An explicit choice that cannot be right is refused rather than quietly changed.
+    """
+    if requested not in SIGNALS:
+        raise KdistillError(f"distill.teacher_signal: {requested!r} is not one of {', '.join(SIGNALS)}")
+    augmented, mixes = augment is not None and augment.enabled, augment is not None and augment.mixes
+    if requested == "live":
+        return "live", "asked for (distill.teacher_signal=live)"
+    if taps_teacher:
+        if requested != "auto":
+            raise KdistillError(f"distill.teacher_signal={requested}: the loss terms read the teacher's features, "
+                                "which are not cached; use live (or auto)")
+        return "live", "the loss terms read the teacher's features"
+    if mixes:
+        if requested != "auto":
+            raise KdistillError(f"distill.teacher_signal={requested}: train.augment.mixup / cutmix blend two images "
+                                "per batch, so the teacher must see each mixed batch; use live (or auto)")
+        return "live", "mixup / cutmix: the teacher sees each mixed batch"
+    if requested == "cached" and augmented:
+        raise KdistillError("distill.teacher_signal=cached holds the teacher's logits on unaugmented images, but "
+                            "train.augment is on: the student would be taught on views the teacher never saw; use "
+                            "cached_views (or auto)")
+    if requested == "cached_views" and not augmented:
+        raise KdistillError("distill.teacher_signal=cached_views caches augmented views, but train.augment is off: "
+                            "use cached (or auto)")
+    if augmented:
+        return "cached_views", "per-sample augmentation: the teacher's logits on fixed views of each sample"
+    return "cached", "no augmentation: the teacher's logits on each training sample"
+
+
 class CachedTeacher:
-    """Teacher logits looked up by the index of each sample in the training set."""
+    """Teacher logits looked up by each batch's `index`: a sample's position in the training set, or a
+    (view, sample) row when the loader draws cached views. Kept in the stored dtype (fp16 for views)."""
 
     def __init__(self, logits: Tensor):
-        self.logits = logits.float()
+        self.logits = logits
 
     def to(self, device: torch.device) -> "CachedTeacher":
         """Keep the table where the batches' indices are: one gather per step, no copy."""
@@ -83,7 +125,7 @@ class CachedTeacher:
         if index is None:
             raise ValueError("cached soft labels need batches that carry sample indices "
                              "(kdistill.data.BatchLoader does); use a live teacher otherwise")
-        return TeacherOutput(self.logits[index])
+        return TeacherOutput(self.logits[index].float())
 
 
 def _raw_bytes(tensor: Tensor) -> bytes:
@@ -127,13 +169,31 @@ def soft_label_key(teacher: nn.Module, images: Tensor, preprocessing: str, preci
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
+def _every_view(loader):
+    """The loader's batches; for a loader of K cached views, those of view 0, then view 1, ... (K passes)."""
+    views = getattr(loader, "views", 0)
+    if not views:
+        yield from loader
+        return
+    try:
+        for view in range(views):
+            loader.set_view(view)
+            yield from loader
+    finally:
+        loader.set_view(None)
+
+
 @torch.inference_mode()
 def teacher_logits(teacher: nn.Module, loader, num_samples: int, precision: str = "fp32") -> Tensor:
-    """Run the frozen teacher over an unshuffled, unaugmented loader; rows in sample order, on the teacher's device."""
+    """Run the frozen teacher over an unshuffled loader; rows in sample order, on the teacher's device.
+
+    The loader is unaugmented, or draws cached views: then `num_samples` is views x samples, and
+    the row of view v of sample i is v * samples + i (the loader's `index`).
+    """
     freeze(teacher)
     device = device_of(teacher)
     table, filled = None, torch.zeros(num_samples, dtype=torch.bool, device=device)
-    for batch in loader:
+    for batch in _every_view(loader):
         inputs, _, index = unpack(batch)
         inputs, index = inputs.to(device, non_blocking=True), index.to(device, non_blocking=True)
         with autocast(precision, device):
@@ -181,14 +241,19 @@ def cached_teacher_logits(teacher: nn.Module, loader, images: Tensor, preprocess
     cache_dir = check_cache_dir(cache_dir)
     key = soft_label_key(teacher, images, preprocessing, precision, teacher_config=teacher_config)
     path = cache_dir / f"{key}.safetensors"
+    views = getattr(loader, "views", 0)
+    rows = images.shape[0] * max(views, 1)
     with exclusive_lock(cache_dir / f"{key}.lock", f"soft-label cache entry {path}", wait=True, on_wait=log):
         remove_stale_temporaries(cache_dir, recursive=False, name=path.name)  # a killed build's, under our lock
         if path.exists():
-            logits, problem = _read_entry(path, teacher, images.shape[0])
+            logits, problem = _read_entry(path, teacher, rows)
             if logits is not None:
                 return logits, path, False
             log(f"soft-label cache entry {path} {problem}: rebuilding it")
-        logits = teacher_logits(teacher, loader, images.shape[0], precision)
+        logits = teacher_logits(teacher, loader, rows, precision)
+        # K tables: half the bytes; fp16 keeps logits to 3 significant digits, ample for soft targets
+        if views and logits.abs().max() < torch.finfo(torch.float16).max:
+            logits = logits.half()
         probe = _probe_inputs(loader)
         save_tensors(path, {"logits": logits, "probe_inputs": probe, "probe_outputs": _probe_outputs(teacher, probe)},
                      {"version": CACHE_VERSION, "preprocessing": preprocessing, "precision": precision})
@@ -253,7 +318,7 @@ def _read_entry(path: Path, teacher: nn.Module, num_samples: int) -> tuple[Tenso
     if outputs.shape != expected.shape or not torch.allclose(outputs, expected, rtol=1e-4, atol=1e-5):
         return None, ("is stale: the teacher no longer gives its stored outputs on the probe inputs "
                       "(same weights and config, so its code or a plain attribute changed)")
-    return logits.float(), ""
+    return logits if logits.dtype == torch.float16 else logits.float(), ""
 
 
 def _to_stderr(line: str) -> None:

@@ -81,6 +81,11 @@ def unpack(batch) -> tuple[Tensor, Tensor, Tensor | None]:
     return inputs, labels, (rest[0] if rest else None)
 
 
+def class_of(labels: Tensor) -> Tensor:
+    """Class indices [N] from labels that are indices [N] or, for mixed batches, probabilities [N, C]."""
+    return labels.argmax(1) if labels.ndim == 2 else labels
+
+
 def _on(device: torch.device, inputs: Tensor, labels: Tensor, index: Tensor | None):
     """The batch on `device`: a no-op for kdistill's loaders (they build batches there), a copy for others."""
     return (inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True),
@@ -166,7 +171,7 @@ class RunningSums:
     def add(self, step: int, loss: Tensor, logits: Tensor, labels: Tensor, terms: dict[str, Tensor]) -> None:
         values = torch.stack([loss.detach().float(), *(terms[name].detach().float() for name in self.names)])
         n = labels.shape[0]
-        correct = (logits.detach().argmax(1) == labels).sum().to(values.dtype).reshape(1)
+        correct = (logits.detach().argmax(1) == class_of(labels)).sum().to(values.dtype).reshape(1)
         self.sums += torch.cat([values[:1] * n, correct, values[1:] * n])
         self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(values), self._never, step))
         self.samples += n

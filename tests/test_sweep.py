@@ -1,0 +1,96 @@
+"""`kdistill sweep`: the grid is checked before anything runs, work is shared, finished cells are skipped."""
+
+import csv
+import json
+
+import pytest
+
+from kdistill.cli import main
+from kdistill.errors import KdistillError
+from kdistill.sweep import Sweep, parse_axes, parse_seeds, split_values
+
+FAST = ["teacher.train.epochs=2", "train.epochs=2", "eval.latency_repeats=2", "eval.latency_batches=[1]"]
+
+
+def sweep_cli(tmp_path, *args):
+    return main(["sweep", "digits_quick", f"out_dir={tmp_path / 'runs'}", *FAST, *args])
+
+
+def test_values_split_on_top_level_commas_only():
+    assert split_values("1,2.5,x") == ["1", "2.5", "x"]
+    assert split_values("[0.35, 1],[0.5,1]") == ["[0.35, 1]", "[0.5,1]"]
+    assert split_values("{a: 1, b: 2},'x,y'") == ["{a: 1, b: 2}", "'x,y'"]
+    assert parse_axes(["distill.temperature=1,4", "seed=3"]) == [("distill.temperature", ["1", "4"]),
+                                                                  ("seed", ["3"])]
+
+
+@pytest.mark.parametrize(("items", "message"), [
+    (["distill.temprature=1,4"], "distill.temprature"),  # no such key
+    (["distill.temperature=1,[4"], "cannot parse"),  # a value that does not parse
+    (["distill.temperature=1,-4"], "distill.temperature"),  # out of range, in the second cell
+    (["distill.temperature=1,,4"], "empty value"),
+    (["distill.temperature"], "not key=v1,v2"),
+    (["distill.temperature=1,4", "distill.temperature=2,8"], "given twice"),
+    (["teacher.checkpoint=t/a.safetensors,t_a.safetensors"], "would share the run folder"),  # would overwrite
+    (["distill.temperature=4,4"], "would share the run folder"),
+    (["seed=1,2"], "use --seeds"),
+    (["name=x"], "use --name"),
+])
+def test_a_bad_grid_is_refused_before_anything_runs(tmp_path, capsys, items, message):
+    assert sweep_cli(tmp_path, *items) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [("0,x", "integers"), ("1,1", "distinct"), ("-1", "non-negative")])
+def test_bad_seeds(text, message):
+    with pytest.raises(KdistillError, match=message):
+        parse_seeds(text)
+
+
+def test_bad_jobs(tmp_path, capsys):
+    assert sweep_cli(tmp_path, "distill.temperature=1,4", "--jobs", "0") == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_a_sweep_shares_the_teacher_and_the_baseline_and_resumes(tmp_path, soft_label_cache, capsys):
+    assert sweep_cli(tmp_path, "distill.temperature=2,8", "--seeds", "0,1", "--jobs", "2") == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "runs" / "digits_quick_sweep"
+    cells = [f"distill.temperature={t},seed={s}" for t in (2, 8) for s in (0, 1)]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("distill.")) == sorted(cells)
+    assert "[4/4]" in out and "about" in out and "results:" in out
+    # One teacher for the whole sweep, given to every cell as its checkpoint; its soft labels cached once.
+    (teacher,) = folder.glob("teacher-*")
+    assert len(list(soft_label_cache.glob("*.safetensors"))) == 1
+    for cell in cells:
+        config = (folder / cell / "config.yaml").read_text()
+        assert str(teacher / "teacher" / "model.safetensors") in config
+    # One baseline per seed, trained once and shared by both temperatures.
+    trained = sorted(p.name for p in (folder / "logs").glob("*.train.log"))
+    assert trained == sorted([f"{teacher.name}.train.log", *(f"{cell}.train.log" for cell in cells[:2])])
+    for seed in (0, 1):
+        first, shared = (folder / f"distill.temperature={t},seed={seed}" / "baseline" / "model.safetensors"
+                         for t in (2, 8))
+        assert first.read_bytes() == shared.read_bytes()
+    with open(folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["distill.temperature"] for r in rows] == ["2", "8"] and all(r["seeds"] == "2" for r in rows)
+    per_seed = [json.loads((folder / f"distill.temperature=2,seed={s}" / "metrics.json").read_text())
+                ["student"]["test_accuracy"] for s in (0, 1)]
+    assert float(rows[0]["student.test_accuracy_mean"]) == pytest.approx(sum(per_seed) / 2)
+    assert "Best by validation accuracy" in (folder / "results.md").read_text()
+
+    # A killed sweep: one cell lost its result. Running the same command again redoes only that cell.
+    (folder / cells[3] / "metrics.json").unlink()
+    assert sweep_cli(tmp_path, "distill.temperature=2,8", "--seeds", "0,1") == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 cells already done, skipped" in out and "[1/1] " + cells[3] in out
+
+
+def test_a_grid_over_teachers_trains_one_teacher_each(tmp_path, soft_label_cache):
+    sweep = Sweep("digits_quick", ["teacher.kwargs.hidden=[32],[64]", "distill.temperature=2,4"], [0])
+    keys = {sweep.teacher_key(cell) for cell in sweep.cells}
+    baselines = {sweep.baseline_key(cell) for cell in sweep.cells}
+    assert len(sweep.cells) == 4 and len(keys) == 2 and len(baselines) == 1
