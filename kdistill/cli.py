@@ -59,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_command(sub, "distill", "distill the student from the run's teacher", retrains=True)
     _recipe_command(sub, "soft-labels", "compute the teacher's soft labels for the training set and cache them")
     _recipe_command(sub, "eval", "evaluate the run's models on the test set; writes metrics.json")
-    _recipe_command(sub, "report", "write report.md and curves.png from the run's metrics.json")
+    report = _recipe_command(sub, "report", "write report.md and curves.png from the run's metrics.json; or, given "
+                                            "run and sweep folders (kdistill report PATH...), one report over all "
+                                            "their runs with tables and plots")
+    report.add_argument("--out", default=None, metavar="FOLDER",
+                        help="with folders: where report.md and its plots go (default: the one folder given, or "
+                             "./kdistill_report)")
     _recipe_command(sub, "check", "check a recipe, its data, models and paths, and say what `run` would do; "
                                   "writes nothing")
     _recipe_command(sub, "config", "print the resolved config, every key with its help (valid YAML: save it as a "
@@ -140,11 +145,32 @@ def _sweep(args) -> None:
     print(f"\nresults: {path} and {path.with_suffix('.csv')}")
 
 
+def _report_on_folders(args) -> bool:
+    """`kdistill report PATH...` over run and sweep folders; False when given a recipe instead."""
+    from pathlib import Path
+
+    paths = [args.recipe, *args.overrides]
+    if not Path(args.recipe).is_dir():
+        return False
+    from kdistill.study import write_study
+
+    out = Path(args.out) if args.out else Path(paths[0]) if len(paths) == 1 else Path("kdistill_report")
+    path = write_study(paths, out)
+    if not args.quiet:
+        print(path.read_text(), end="")
+    print(f"\nreport: {path}")
+    return True
+
+
 def _run(args) -> None:
     from kdistill.config import load_config
     from kdistill.pipeline import Pipeline
     from kdistill.train import distributed
 
+    if args.command == "report" and _report_on_folders(args):
+        return
+    if getattr(args, "out", None):
+        raise KdistillError("report --out applies to run and sweep folders (kdistill report PATH...), not to a recipe")
     cfg = load_config(args.recipe, args.overrides)
     if args.command == "config":
         from kdistill.config.describe import annotated_yaml

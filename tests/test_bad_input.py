@@ -33,6 +33,11 @@ def fails_cleanly(capsys, argv, expected: str) -> str:
         ("train.batch_size=0", "train.batch_size: must be >= 1"),
         ("student.name=resnet_huge", "unknown model"),
         ("data.name=fashion_mnst", "fashion_mnist"),
+        ("distill.views=0", "distill.views: the teacher's logits are cached for this many augmented views"),
+        ("distill.teacher_signal=cache", "distill.teacher_signal: 'cache' is not one of auto, live"),
+        ("train.augment.resized_crop=[0.5,0.2]", "train.augment.resized_crop: must be [min, max]"),
+        ("train.augment.color_jitter=2", "train.augment.color_jitter: must be >= 0 and finite and <= 1, got 2.0"),
+        ("teacher.train.augment.mixup=-1", "teacher.train.augment.mixup: must be >= 0"),
     ],
 )
 def test_config_errors(capsys, tmp_path, override, expected):
@@ -145,3 +150,19 @@ def test_a_failed_start_does_not_claim_the_run_folder(capsys, tmp_path):
 
 def test_a_model_argument_of_the_wrong_kind(capsys, tmp_path):
     fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", "student.kwargs.hidden=wide"], "hidden must be a list")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.augment.mixup=0.2", "distill.teacher_signal=cached_views"],
+         "blend two images per batch, so the teacher must see each mixed batch; use live"),
+        (["train.augment.cutmix=1", "distill.teacher_signal=cached"], "the teacher must see each mixed batch"),
+        (["train.augment.hflip=true", "distill.teacher_signal=cached"], "views the teacher never saw"),
+        (["distill.teacher_signal=cached_views"], "train.augment is off: use cached"),
+        (["train.augment.cutout=20"], "train.augment.cutout=20 is larger than the 8x8 images"),
+    ],
+)
+def test_a_teacher_signal_or_augmentation_that_cannot_work(capsys, tmp_path, overrides, expected):
+    fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", *overrides], expected)
+    assert not any(tmp_path.rglob("*.safetensors"))

@@ -44,6 +44,19 @@ def test_seed_cnn_parameter_counts_on_mnist():
     assert count_parameters(create_model("seed_student", MNIST, 10)) == 105_866
 
 
+def test_shallow_cnn_is_seed_002s_student():
+    # Seed 002's Keras summary on 224x224 Flowers (5 classes): 1,792 + 73,856 + 66,048 + 2,565 parameters.
+    flowers = create_model("shallow_cnn", (3, 224, 224), 5)
+    assert [count_parameters(m) for m in (flowers.conv1, flowers.conv2, flowers.fc1, flowers.fc2)] == \
+        [1_792, 73_856, 66_048, 2_565]
+    x = torch.randn(2, 3, 224, 224)
+    assert F.max_pool2d(F.relu(flowers.conv1(x)), 4).shape[-2:] == (55, 55)  # 222 -> 55, as in the summary
+    assert count_parameters(create_model("shallow_cnn", MNIST, 10)) == 145_674
+    assert create_model("shallow_cnn", MNIST, 10)(torch.randn(3, *MNIST)).shape == (3, 10)
+    with pytest.raises(KdistillError, match="at least 14x14"):
+        create_model("shallow_cnn", (1, 8, 8), 10)
+
+
 def seed_forward_nchw(model, x):
     """The seed article's forward pass, plain NCHW, on the model's own weights."""
     x = F.max_pool2d(F.relu(model.conv1(x)), 2)

@@ -63,3 +63,39 @@ def seed_teacher(input_shape: tuple[int, int, int], num_classes: int) -> SeedCNN
 @register_model("seed_student", "seed article's student CNN: conv 16, conv 32, fc 64 (105,866 params on MNIST)")
 def seed_student(input_shape: tuple[int, int, int], num_classes: int) -> SeedCNN:
     return _seed_cnn("seed_student", input_shape, num_classes, width1=16, width2=32, hidden=64)
+
+
+class ShallowCNN(nn.Module):
+    """Seed 002's shallow student: conv 3x3 (valid), max-pool, conv 3x3 (valid), global average pooling,
+    dense + ReLU, dense.
+
+    Seed 002 (Keras, 224x224 Flowers) pools by 4 (222 -> 55): kept here, so on 28x28 the second
+    conv sees 6x6 maps. The convs have a ReLU, as Keras students usually do (the seed's summary
+    shows no activations). 145,674 parameters for 10 classes on 1x28x28.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width1: int = 64, width2: int = 128, hidden: int = 512,
+                 pool: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width1, kernel_size=3)
+        self.pool = nn.MaxPool2d(pool)
+        self.conv2 = nn.Conv2d(width1, width2, kernel_size=3)
+        self.fc1 = nn.Linear(width2, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(memory_format=torch.channels_last)  # as SeedCNN: faster convolutions on CPU
+        x = F.relu(self.conv2(self.pool(F.relu(self.conv1(x)))))
+        return self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+
+
+@register_model("shallow_cnn", "seed 002's shallow student: conv 64, max-pool 4, conv 128, global average "
+                               "pooling, fc 512 (145,674 params on MNIST)")
+def shallow_cnn(input_shape: tuple[int, int, int], num_classes: int, width1: int = 64, width2: int = 128,
+                hidden: int = 512, pool: int = 4) -> ShallowCNN:
+    channels, height, width = input_shape
+    if min(height, width) < 3 * pool + 2:
+        raise KdistillError(f"model 'shallow_cnn' needs images of at least {3 * pool + 2}x{3 * pool + 2} pixels "
+                            f"with pool={pool} (two valid 3x3 convs around the max-pool), got {height}x{width}; "
+                            "lower pool, or use 'mlp' for smaller inputs")
+    return ShallowCNN(channels, num_classes, width1, width2, hidden, pool)
