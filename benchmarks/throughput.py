@@ -136,10 +136,11 @@ def main() -> None:
         "kdistill/aug-crop-flip": Augment(crop_padding=2, hflip=True),
         "kdistill/aug-all": Augment(resized_crop=(0.35, 1.0), hflip=True, color_jitter=0.4, cutout=8, mixup=0.2),
     } if args.augment else {}
+    loaders = {"none": batch_loader}
     for name, augment in augments.items():
-        loader = BatchLoader(subset, args.batch_size, mean=data.mean, std=data.std, shuffle=True, device=device,
-                             augment=augment, num_classes=data.num_classes)
-        variants[name] = lambda a=loader: kdistill_epoch("fp32", loader=a)
+        loaders[name] = BatchLoader(subset, args.batch_size, mean=data.mean, std=data.std, shuffle=True,
+                                    device=device, augment=augment, num_classes=data.num_classes)
+        variants[name] = lambda a=loaders[name]: kdistill_epoch("fp32", loader=a)
     print(check_environment(), f"device {device}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     warmup = interleaved(variants, 1)  # not counted: compiles, fills caches
     print("warm-up round (s):", {name: round(t[0], 1) for name, t in warmup.items()})
@@ -149,8 +150,21 @@ def main() -> None:
     print(f"{'variant':<22} {'samples/s':>10} {'x seed loop':>12}")
     for name, value in rate.items():
         print(f"{name:<22} {value:>10.0f} {value / reference:>12.2f}")
-    for name in augments:  # the extra time of an augmented epoch, as a share of a plain kdistill epoch
-        print(f"{name}: augmentation costs {100 * (rate['kdistill'] / rate[name] - 1):+.1f} % of a training step")
+    if augments:
+        # Batches alone, without a model: the augmentation's own time, free of the training step's noise.
+        def batches(loader):
+            def epoch():
+                for _ in loader:
+                    pass
+                synchronize(device)
+            return epoch
+
+        alone = interleaved({name: batches(loader) for name, loader in loaders.items()}, args.rounds)
+        step = args.samples / rate["kdistill"] / len(batch_loader)
+        for name in augments:
+            extra = (median(alone[name]) - median(alone["none"])) / len(batch_loader)
+            print(f"{name}: {1000 * extra:.2f} ms of augmentation per batch = {100 * extra / step:.1f} % of a "
+                  f"{1000 * step:.1f} ms training step (epochs: {100 * (rate['kdistill'] / rate[name] - 1):+.1f} %)")
     print(json.dumps({"samples_per_second": rate, "rounds": args.rounds, "samples": args.samples,
                       "device": str(device)}))
 

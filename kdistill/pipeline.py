@@ -594,8 +594,9 @@ class Pipeline:
                      + (f", {processes} processes" if processes > 1 else "")
                      + f"; precision: teacher {cfg.teacher.train.precision}, students {cfg.train.precision}")
         terms = " + ".join(f"{w:g} {label}" for label, w in self.objective.weights.items())
-        lines.append(f"objective: {terms}; teacher signal: {self.teacher_signal}"
-                     + (f" (cache: {self.cache_dir})" if self.cached else ""))
+        views = f", {self.views} views of each sample" if self.views else ""
+        lines.append(f"objective: {terms}; teacher signal: {self.teacher_signal} ({self.signal_reason}{views})"
+                     + (f"; cache: {self.cache_dir}" if self.cached else ""))
         return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill.data import Augment, BatchLoader, ImageSet
-from kdistill.data.augment import Mixing
+from kdistill.data.augment import Draws, Mixing
 from kdistill.distill import Distiller
 from kdistill.distill.signals import cached_teacher_logits, choose_teacher_signal
 from kdistill.errors import KdistillError
@@ -43,10 +43,36 @@ def test_resized_crop_samples_its_box_bilinearly():
         torch.testing.assert_close(out[k, 0], expected, atol=1e-9, rtol=0)
 
 
+def test_resized_crop_equals_grid_sample_on_any_image():
+    # The separable form against the affine-grid one it replaces (bilinear, border, align_corners=False).
+    x = torch.rand(16, 3, 11, 9, dtype=torch.float64)
+    augment = Augment(resized_crop=(0.1, 1.0))
+    draws = augment.draw(16, torch.Generator().manual_seed(4))
+    height, width, top, left = draws.get("crop_box").double().unbind(1)
+    theta = torch.zeros(16, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2] = width, 2 * left + width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = height, 2 * top + height - 1
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(augment.apply(x, draws), expected)
+
+
+def test_flips_after_a_resized_crop_mirror_it():
+    x = torch.rand(32, 2, 7, 6, dtype=torch.float64)
+    both = Augment(resized_crop=(0.3, 1.0), hflip=True, vflip=True)
+    draws = both.draw(32, torch.Generator().manual_seed(8))
+    cropped = Augment(resized_crop=(0.3, 1.0)).apply(x, Draws({"crop_box": draws.get("crop_box")}))
+    out = both.apply(x, draws)
+    for k in range(32):
+        expected = cropped[k].flip(-1) if draws.get("hflip")[k] else cropped[k]
+        expected = expected.flip(-2) if draws.get("vflip")[k] else expected
+        torch.testing.assert_close(out[k], expected)
+    assert 0 < draws.get("hflip").sum() < 32 and 0 < draws.get("vflip").sum() < 32
+
+
 def test_a_whole_image_crop_is_the_identity():
     x = torch.rand(4, 3, 9, 7)
     box = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 4)
-    from kdistill.data.augment import Draws
     torch.testing.assert_close(Augment(resized_crop=(1.0, 1.0)).apply(x, Draws({"crop_box": box})), x)
 
 
