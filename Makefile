@@ -50,3 +50,16 @@ bench-overhead: setup data
 bench-accuracy: setup data
 	$(PY) -m benchmarks.accuracy recipes/seed_fashion_mnist.yaml --seeds 0 1 2
 	$(PY) -m benchmarks.accuracy recipes/fashion_mnist_resnet.yaml --seeds 0 1 2 --shared-teacher
+
+# Seed 002's study (BENCHMARKS.md): hours on a CPU, most of it the residual teacher. Stop it and run it
+# again at will: finished cells are kept, an interrupted training resumes. The report is built at the end.
+KD := $(VENV)/bin/kdistill
+STUDY := --seeds 0,1,2 --jobs $(or $(JOBS),1)
+.PHONY: study
+study: setup data
+	$(KD) sweep study_fashion_mnist teacher.name=resnet,mlp $(STUDY) --name study_objectives \
+	    'distill.losses={kd: {weight: 1}},{kd: {weight: 0.9}, ce: {weight: 0.1}},{logit_mse: {weight: 1}},{tang: {weight: 1}}'
+	$(KD) sweep study_fashion_mnist distill.temperature=1,2,4,5,8,10,20 $(STUDY) --name study_temperature
+	$(KD) sweep study_fashion_mnist train.augment.crop_padding=2 train.augment.hflip=true \
+	    distill.teacher_signal=cached_views,live $(STUDY) --name study_augmentation
+	$(KD) report runs/study_objectives runs/study_temperature runs/study_augmentation --out runs/study_report

@@ -71,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "recipe)")
     sweep = sub.add_parser(
         "sweep", help="run a recipe over a grid of config values and seeds; one results table",
-        description="Run RECIPE once per combination of the values given (and per seed), each an ordinary run "
-                    "folder under <out_dir>/<name>; the teacher is trained once per distinct teacher config and "
-                    "shared, baselines once per distinct student and training. Finished cells are skipped, so "
-                    "running the same command again resumes a killed sweep. Writes results.md and results.csv.",
+        description="Run RECIPE once per combination of the values given (and per seed), each an ordinary\n"
+                    "run folder under <out_dir>/<name>. The teacher is trained once per distinct teacher config\n"
+                    "and shared, baselines once per distinct student and training. Finished cells are skipped,\n"
+                    "so running the same command again resumes a killed sweep. Writes results.md and .csv.",
         epilog="example: kdistill sweep seed_fashion_mnist distill.temperature=1,4,8 --seeds 0,1,2 --jobs 2\n"
                "a single value (key=v) applies to every cell; commas inside [...] or {...} do not split values",
         formatter_class=argparse.RawDescriptionHelpFormatter)

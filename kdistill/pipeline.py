@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdistill import __version__
+from kdistill.config.describe import flatten
 from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller, cached_teacher_logits
 from kdistill.distill.signals import check_cache_dir, choose_teacher_signal, default_cache_dir, weights_digest
@@ -281,7 +282,7 @@ class Pipeline:
             return [(f"{config_file} is missing, so what the models were trained with is unknown", set(ROLES))] \
                 if trained else []
         try:
-            keys = _changed_keys(OmegaConf.create(config_file.read_text()), self.cfg)
+            keys = changed_keys(OmegaConf.create(config_file.read_text()), self.cfg)
         except Exception as err:  # noqa: BLE001  any parse or resolve failure means the same: we cannot trust it
             problem = str(err).splitlines()[0] if str(err) else type(err).__name__
             return [(f"{config_file} is unreadable ({problem})", set(ROLES))]
@@ -667,17 +668,9 @@ NEUTRAL_KEYS = ("out_dir", "threads", "device", "data.root", "data.download", "d
                            for key in ("log_every_steps", "checkpoint_every_steps", "compile")))
 
 
-def _changed_keys(old: DictConfig, new: DictConfig) -> list[str]:
-    flat_old = _flatten(OmegaConf.to_container(old, resolve=True))
-    flat_new = _flatten(OmegaConf.to_container(new, resolve=True))
+def changed_keys(old: DictConfig, new: DictConfig) -> list[str]:
+    """The config keys whose values differ, leaving out NEUTRAL_KEYS."""
+    flat_old = flatten(OmegaConf.to_container(old, resolve=True))
+    flat_new = flatten(OmegaConf.to_container(new, resolve=True))
     return sorted(k for k in flat_old.keys() | flat_new.keys()
                   if flat_old.get(k) != flat_new.get(k) and not k.startswith(NEUTRAL_KEYS))
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat

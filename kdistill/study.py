@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from kdistill.config.describe import flatten
 from kdistill.errors import KdistillError
 from kdistill.report import read_history
 from kdistill.storage import atomic_write, atomic_write_text
@@ -91,7 +92,7 @@ def _read_run(folder: Path) -> Run:
         raise KdistillError(f"{folder}: cannot read its config.yaml or metrics.json ({error})") from None
     if not isinstance(config, dict) or not isinstance(metrics, dict):
         raise KdistillError(f"{folder}: config.yaml or metrics.json is not kdistill's")
-    return Run(folder, _flatten(config), metrics)
+    return Run(folder, flatten(config), metrics)
 
 
 def group(runs: list[Run]) -> tuple[list[Setting], list[str]]:
@@ -320,12 +321,3 @@ def _plain(encoded: str | None) -> str:
         return "–"
     value = json.loads(encoded)
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat

@@ -2,14 +2,14 @@
 
     kdistill sweep RECIPE distill.temperature=1,4,8 train.lr=0.01,0.003 --seeds 0,1,2 --jobs 2
 
-The sweep folder `<out_dir>/<name>/` holds `sweep.json` (the grid), `teacher-<key>/` (one run folder
-per distinct teacher config, holding only the teacher), one run folder per cell
+The sweep folder `<out_dir>/<name>/` holds `sweep.json` (the grid), one run folder per cell
 (`distill.temperature=4,train.lr=0.01,seed=0`), `logs/` and, at the end, `results.md` and
 `results.csv` (mean and standard deviation over seeds per grid point) and `runs.csv` (every cell).
+Teachers live beside it, in `<out_dir>/teachers/teacher-<key>/` (run folders holding only a teacher).
 
 Work is shared wherever the result cannot differ: every cell gets its teacher as
-`teacher.checkpoint`, trained once per distinct teacher config (with the recipe's seed), so its
-soft labels are cached once for the whole sweep; cells that differ only in `distill.*` keys share
+`teacher.checkpoint`, trained once per distinct teacher config (with the recipe's seed) for every
+sweep in the same out_dir, so its soft labels are cached once; cells that differ only in `distill.*` keys share
 one baseline (trained by the first of them, then copied). Every grid value is parsed and checked,
 by building each cell's full config, before anything runs. A finished cell whose config is
 unchanged is skipped; an interrupted one is resumed: a killed sweep, run again, goes on where it
@@ -169,7 +169,7 @@ class Sweep:
         """Cells with equal keys get the same teacher; None when the recipe gives a teacher checkpoint."""
         if cell.cfg.teacher.checkpoint:
             return None
-        return _digest({"teacher": _plain(cell.cfg.teacher), "data": _plain(cell.cfg.data)})
+        return _digest({"teacher": _plain(cell.cfg.teacher), "data": _plain(cell.cfg.data), "seed": self.base_seed})
 
     def baseline_key(self, cell: Cell) -> str:
         """Cells with equal keys train the same baseline (same student, training, data and seed)."""
@@ -177,7 +177,8 @@ class Sweep:
                         "data": _plain(cell.cfg.data), "seed": cell.seed})
 
     def teacher_dir(self, key: str) -> Path:
-        return self.folder / f"teacher-{key}"
+        """Shared by the sweeps of one out_dir: a teacher config is trained once for all of them."""
+        return self.folder.parent / "teachers" / f"teacher-{key}"
 
     def overrides(self, cell: Cell, threads: int | None, device: str | None) -> list[str]:
         """The command-line overrides that make `cell` run in its folder with the shared teacher."""
@@ -243,11 +244,11 @@ class Sweep:
         run_dir = self.folder / cell.name
         if not (run_dir / "metrics.json").exists() or not (run_dir / "config.yaml").exists():
             return False
-        from kdistill.pipeline import _changed_keys
+        from kdistill.pipeline import changed_keys
 
         wanted = load_config(self.recipe, self.overrides(cell, None, None))
         try:
-            return not _changed_keys(OmegaConf.create((run_dir / "config.yaml").read_text()), wanted)
+            return not changed_keys(OmegaConf.create((run_dir / "config.yaml").read_text()), wanted)
         except Exception:  # noqa: BLE001  an unreadable config means: run it (the pipeline says what it finds)
             return False
 
@@ -279,8 +280,10 @@ class Sweep:
                 began = time.perf_counter()
                 items = self.overrides(cell, threads, device)
                 if what == "teacher":  # its own folder, with the recipe's seed
-                    items = [i for i in items if not i.startswith(("name=", "seed=", "teacher.checkpoint="))]
-                    items += [f"name={name}", f"seed={self.base_seed}"]
+                    mine = ("name=", "seed=", "teacher.checkpoint=", "out_dir=")
+                    items = [i for i in items if not i.startswith(mine)]
+                    items += [f"out_dir={self.teacher_dir(self.teacher_key(cell)).parent}", f"name={name}",
+                              f"seed={self.base_seed}"]
                 argv = [sys.executable, "-m", "kdistill", *command.split(), str(self.recipe), *items, "--resume",
                         "--quiet"]
                 with open(self.folder / "logs" / f"{name}.{command.split()[0]}.log", "w") as log:

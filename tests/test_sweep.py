@@ -62,7 +62,7 @@ def test_a_sweep_shares_the_teacher_and_the_baseline_and_resumes(tmp_path, soft_
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("distill.")) == sorted(cells)
     assert "[4/4]" in out and "about" in out and "results:" in out
     # One teacher for the whole sweep, given to every cell as its checkpoint; its soft labels cached once.
-    (teacher,) = folder.glob("teacher-*")
+    (teacher,) = (folder.parent / "teachers").glob("teacher-*")
     assert len(list(soft_label_cache.glob("*.safetensors"))) == 1
     for cell in cells:
         config = (folder / cell / "config.yaml").read_text()

@@ -127,3 +127,13 @@ def find_recipe(recipe: str | Path) -> Path:
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise KdistillError(f"recipe {str(recipe)!r} is neither a file nor a built-in recipe; {hint}built-in recipes: "
                         f"{', '.join(recipes)} (or give the path of a YAML file)")
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """A nested config as {"train.lr": 0.01, ...}: the dotted keys a user writes."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
