@@ -163,3 +163,8 @@ def test_annotated_yaml_of_a_long_value_stays_valid_yaml():
     root = "/data/" + " ".join(["folder"] * 30)
     cfg = load_config("digits_quick", [f"data.root='{root}'"])
     assert yaml.safe_load(annotated_yaml(cfg))["data"]["root"] == root
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_every_built_in_recipe_is_valid(name):
+    assert load_config(name).name == name

@@ -94,3 +94,19 @@ def test_a_grid_over_teachers_trains_one_teacher_each(tmp_path, soft_label_cache
     keys = {sweep.teacher_key(cell) for cell in sweep.cells}
     baselines = {sweep.baseline_key(cell) for cell in sweep.cells}
     assert len(sweep.cells) == 4 and len(keys) == 2 and len(baselines) == 1
+
+
+def test_the_study_sweeps_share_one_residual_teacher():
+    # make study's sweeps (Makefile): every value parses, and the residual teacher is one for all three.
+    objectives = Sweep("study_fashion_mnist", ["teacher.name=resnet,mlp", "distill.losses={kd: {weight: 1}},"
+                       "{kd: {weight: 0.9}, ce: {weight: 0.1}},{logit_mse: {weight: 1}},{tang: {weight: 1}}"],
+                       [0, 1, 2], name="study_objectives")
+    temperature = Sweep("study_fashion_mnist", ["distill.temperature=1,2,4,5,8,10,20"], [0, 1, 2])
+    augmentation = Sweep("study_fashion_mnist", ["train.augment.crop_padding=2", "train.augment.hflip=true",
+                                                 "distill.teacher_signal=cached_views,live"], [0, 1, 2])
+    assert [len(s.cells) for s in (objectives, temperature, augmentation)] == [24, 21, 6]
+    residual = {s.teacher_key(c) for s in (temperature, augmentation) for c in s.cells}
+    assert len(residual) == 1 and residual < {objectives.teacher_key(c) for c in objectives.cells}
+    assert objectives.cells[0].cfg.distill.losses == {"kd": {"weight": 1}}  # the recipe's ce is replaced
+    mlp = next(c for c in objectives.cells if c.cfg.teacher.name == "mlp")
+    assert mlp.cfg.teacher.kwargs == {}  # the resnet's kwargs are not given to the mlp

@@ -167,11 +167,10 @@ class BatchLoader:
         view = None
         if self.views:
             # Which view each sample takes this epoch; its choices are the view's, made once per loader.
-            view = torch.full((n,), self.view) if self.view is not None else \
-                torch.randint(self.views, (n,), generator=generator)
+            view = torch.full((n,), self.view, device=self.device) if self.view is not None else \
+                torch.randint(self.views, (n,), generator=generator).to(self.device)  # a CPU generator: same everywhere
             if self._view_draws is None:
                 self._view_draws = [self.augment.view(n, v).to(self.device) for v in range(self.views)]
-            view = view.to(self.device)
             draws = Draws.choose(self._view_draws, view)
         elif self.augment is not None and self.augment.per_sample:
             # The draws are small (tens of bytes a sample): on the device once per epoch, whichever path batches take.
