@@ -284,8 +284,8 @@ class Sweep:
                     items = [i for i in items if not i.startswith(mine)]
                     items += [f"out_dir={self.teacher_dir(self.teacher_key(cell)).parent}", f"name={name}",
                               f"seed={self.base_seed}"]
-                argv = [sys.executable, "-m", "kdistill", *command.split(), str(self.recipe), *items, "--resume",
-                        "--quiet"]
+                # Not --quiet: the log keeps the run's lines (data, teacher signal, epochs) for later reading.
+                argv = [sys.executable, "-m", "kdistill", *command.split(), str(self.recipe), *items, "--resume"]
                 with open(self.folder / "logs" / f"{name}.{command.split()[0]}.log", "w") as log:
                     code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
                 return name, code, time.perf_counter() - began
