@@ -199,13 +199,21 @@ def _die_with_parent() -> None:
         pass
 
 
+BAD_INPUT_PATIENCE_S = 20.0
+
+
 def _wait_all(workers: list[subprocess.Popen]) -> tuple[int | None, list[int]]:
     """Wait for every worker; returns (the rank that failed first or None, every exit code)."""
     while True:
         codes = [w.poll() for w in workers]
         failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:  # the others would wait for it at their next collective forever
-            time.sleep(1.0)  # bad input stops every rank alike: let rank 0 print its own line first
+            # Bad input (exit 2) stops every rank alike: give rank 0, perhaps slower to get there on a busy
+            # machine, time to print its own line (it ends at once, or waits in a collective until stopped).
+            patience = BAD_INPUT_PATIENCE_S if codes[failed[0]] == 2 else 1.0
+            deadline = time.monotonic() + patience
+            while workers[0].poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
             if workers[0].poll() == 2:
                 failed = [0]
             _stop_all(workers)
