@@ -105,10 +105,11 @@ class Pipeline:
                 _check_trainable(model, f"{role} '{self.specs[role].name}'", self.data.input_shape)
         self.objective = build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
                                          cfg.train.label_smoothing)
-        self.teacher_signal, self.signal_reason = ("none", "no loss term reads the teacher") \
-            if not self.objective.needs_teacher else \
-            choose_teacher_signal(cfg.distill.teacher_signal, augmentation(cfg.train), 
-                                  bool(self.objective.teacher_taps))
+        if self.objective.needs_teacher:
+            self.teacher_signal, self.signal_reason = choose_teacher_signal(
+                cfg.distill.teacher_signal, augmentation(cfg.train), bool(self.objective.teacher_taps))
+        else:
+            self.teacher_signal, self.signal_reason = "none", "no loss term reads the teacher"
         self._check_paths()
         discard = set(discard)
         if not claim:  # `kdistill check`: the verdict `run` would reach, without writing anything

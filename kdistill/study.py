@@ -37,10 +37,25 @@ class Run:
     metrics: dict
 
     def figure(self, path: str):
-        value = self.metrics
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return figure(self.metrics, path)
+
+
+def figure(metrics: dict, path: str) -> float | None:
+    """The number at a dotted path of metrics.json ("student.test_accuracy"), or None."""
+    value = metrics
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def mean_sd_text(mean: float | None, sd: float | None, path: str) -> str:
+    """"88.00 ± 2.83 %" for accuracies, "1,210" for parameter counts, 3 decimals otherwise; "–" for no value."""
+    if mean is None:
+        return "–"
+    percent = path.endswith("accuracy")
+    scale, digits = (100, 2) if percent else (1, 0 if path.endswith("params") else 3)
+    text = f"{mean * scale:,.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
+    return text + (" %" if percent else "")
 
 
 @dataclass
@@ -145,16 +160,7 @@ def _table(settings: list[Setting], axes: list[str]) -> str:
     head = ["setting", "seeds", *(title for title, _ in COLUMNS)]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for s in settings:
-        cells = [s.label, str(len(s.runs))]
-        for _, path in COLUMNS:
-            mean, sd = s.mean(path), s.sd(path)
-            if mean is None:
-                cells.append("–")
-                continue
-            percent = path.endswith("accuracy")
-            scale, digits = (100, 2) if percent else (1, 0 if path.endswith("params") else 3)
-            text = f"{mean * scale:,.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
-            cells.append(text + (" %" if percent else ""))
+        cells = [s.label, str(len(s.runs)), *(mean_sd_text(s.mean(path), s.sd(path), path) for _, path in COLUMNS)]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

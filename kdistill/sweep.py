@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdistill.config import load_config
 from kdistill.errors import KdistillError
 from kdistill.storage import atomic_write_text
+from kdistill.study import figure, mean_sd_text
 
 SWEEP_FILE = "sweep.json"
 # What a cell's result is summarised by: (label, path in metrics.json), in table order.
@@ -45,7 +46,6 @@ FIGURES = (("student val", "student.val_accuracy"), ("student test", "student.te
            ("baseline test", "baseline.test_accuracy"), ("teacher test", "teacher.test_accuracy"),
            ("gap recovered", "gap_recovered"), ("student params", "student.params"),
            ("student train s", "student.train_seconds"), ("distill overhead", "distill_overhead"))
-PERCENT = {"student.val_accuracy", "student.test_accuracy", "baseline.test_accuracy", "teacher.test_accuracy"}
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: the config inside is not hashable
@@ -219,7 +219,7 @@ class Sweep:
         self._parallel([("train --baseline", c.name, c) for c in firsts], slots, say, failures, what="baseline")
         for cell in todo:
             self._share_baseline(cell, baselines[self.baseline_key(cell)])
-        progress = _Progress(len(todo), self.jobs, time.perf_counter(), say)
+        progress = _Progress(len(todo), time.perf_counter(), say)
         self._parallel([("run", c.name, c) for c in todo], slots, say, failures, what="cell", progress=progress)
         path = self.write_results()
         if failures:
@@ -273,8 +273,9 @@ class Sweep:
             return
         free = list(slots)
 
-        def launch(step: tuple[str, str, Cell]) -> tuple[str, int, float]:
+        def launch(step: tuple[str, str, Cell]) -> tuple[str, int, float, Path]:
             command, name, cell = step
+            log_path = self.folder / "logs" / f"{name}.{command.split()[0]}.log"
             threads, device = free.pop()
             try:
                 began = time.perf_counter()
@@ -286,16 +287,16 @@ class Sweep:
                               f"seed={self.base_seed}"]
                 # Not --quiet: the log keeps the run's lines (data, teacher signal, epochs) for later reading.
                 argv = [sys.executable, "-m", "kdistill", *command.split(), str(self.recipe), *items, "--resume"]
-                with open(self.folder / "logs" / f"{name}.{command.split()[0]}.log", "w") as log:
+                with open(log_path, "w") as log:
                     code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
-                return name, code, time.perf_counter() - began
+                return name, code, time.perf_counter() - began, log_path
             finally:
                 free.append((threads, device))
 
         with concurrent.futures.ThreadPoolExecutor(len(slots)) as pool:
-            for name, code, seconds in pool.map(launch, steps):
+            for name, code, seconds, log_path in pool.map(launch, steps):
                 if code != 0:
-                    last = _last_line(self.folder / "logs" / f"{name}.{'run' if what == 'cell' else 'train'}.log")
+                    last = _last_line(log_path)
                     failures.append(f"{what} {name}: {last}")
                     say(f"{what} {name} failed after {seconds:.0f} s: {last}")
                 elif progress is not None:
@@ -320,7 +321,7 @@ class Sweep:
             writer = csv.writer(f)
             writer.writerow([*keys, "seed", *(path for _, path in FIGURES)])
             for cell, metrics in found.items():
-                writer.writerow([*(v for _, v in cell.point), cell.seed, *(_lookup(metrics, p) for _, p in FIGURES)])
+                writer.writerow([*(v for _, v in cell.point), cell.seed, *(figure(metrics, p) for _, p in FIGURES)])
         groups: dict[str, list[tuple[Cell, dict]]] = {}
         for cell, metrics in found.items():
             groups.setdefault(cell.label, []).append((cell, metrics))
@@ -340,7 +341,7 @@ def summarise(label: str, entries: list[tuple[Cell, dict]]) -> dict:
     """Mean and sample standard deviation over seeds of every figure of one grid point."""
     row = {"label": label, "values": [v for _, v in entries[0][0].point], "seeds": len(entries)}
     for _, path in FIGURES:
-        values = [v for _, m in entries if (v := _lookup(m, path)) is not None]
+        values = [v for _, m in entries if (v := figure(m, path)) is not None]
         row[path] = {"mean": statistics.fmean(values) if values else None,
                      "sd": statistics.stdev(values) if len(values) > 1 else None}
     return row
@@ -358,7 +359,7 @@ def results_markdown(sweep: Sweep, rows: list[dict]) -> str:
     lines.append("|" + " --- |" * (len(keys) + 1 + len(FIGURES)))
     for row in rows:
         cells = [f"`{v}`" for v in row["values"]] + [str(row["seeds"])]
-        cells += [_format(row[path], path) for _, path in FIGURES]
+        cells += [mean_sd_text(row[path]["mean"], row[path]["sd"], path) for _, path in FIGURES]
         if row["label"] == best:
             cells[len(keys) + 1] = f"**{cells[len(keys) + 1]}**"
         lines.append("| " + " | ".join(cells) + " |")
@@ -367,29 +368,11 @@ def results_markdown(sweep: Sweep, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _format(stat: dict, path: str) -> str:
-    mean, sd = stat["mean"], stat["sd"]
-    if mean is None:
-        return "–"
-    scale, digits, unit = (100, 2, " %") if path in PERCENT else (1, 0 if path.endswith("params") else 3, "")
-    text = f"{mean * scale:,.{digits}f}"
-    return text + (f" ± {sd * scale:.{digits}f}" if sd is not None else "") + unit
-
-
-def _lookup(metrics: dict, path: str):
-    value = metrics
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 class _Progress:
     """A line per finished cell, with an estimate of the time left."""
 
-    def __init__(self, total: int, jobs: int, started: float, say):
-        self.total, self.jobs, self.started, self.say, self.done = total, jobs, started, say, 0
+    def __init__(self, total: int, started: float, say):
+        self.total, self.started, self.say, self.done = total, started, say, 0
 
     def cell_done(self, name: str, metrics_path: Path, seconds: float) -> None:
         self.done += 1
@@ -398,7 +381,7 @@ class _Progress:
         result = ""
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
-            student, val = _lookup(metrics, "student.test_accuracy"), _lookup(metrics, "student.val_accuracy")
+            student, val = figure(metrics, "student.test_accuracy"), figure(metrics, "student.val_accuracy")
             if student is not None and val is not None:
                 result = f": student {100 * student:.2f} % (val {100 * val:.2f} %)"
         self.say(f"[{self.done}/{self.total}] {name}{result} in {seconds:.0f} s; "

@@ -59,10 +59,10 @@ class Draws:
 
 @dataclass(frozen=True)
 class Mixing:
-    """One batch's mixing: kind ("mixup" | "cutmix" | None) and the blend weight of the batch's own samples."""
+    """One batch's mixing: kind ("mixup" | "cutmix") and the blend weight of the batch's own samples."""
 
-    kind: str | None
-    lam: float = 1.0
+    kind: str
+    lam: float
     centre: tuple[float, float] = (0.5, 0.5)  # cutmix: the box's centre, as fractions of height and width
 
 
@@ -150,7 +150,7 @@ class Augment:
         fields = {}
 
         def uniform(*shape: int) -> torch.Tensor:
-            return torch.rand(n, *shape, generator=generator)
+            return torch.rand(n, *shape, generator=generator, device=generator.device)
 
         if self.resized_crop:
             low, high = self.resized_crop
@@ -159,7 +159,8 @@ class Augment:
             size = torch.stack([torch.sqrt(area / ratio), torch.sqrt(area * ratio)], 1).clamp(max=1)  # height, width
             fields["crop_box"] = torch.cat([size, (1 - size) * uniform(2)], 1)  # [h, w, top, left] as fractions
         if self.crop_padding:
-            fields["offsets"] = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=generator)
+            fields["offsets"] = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=generator,
+                                              device=generator.device)
         if self.hflip:
             fields["hflip"] = uniform() < 0.5
         if self.vflip:
@@ -179,11 +180,11 @@ class Augment:
         return self.draw(n, torch.Generator().manual_seed(self.seed * 1_000_003 + view))
 
     def draw_mixing(self, batches: int, generator: torch.Generator) -> list[Mixing]:
-        """One `Mixing` per batch (all `None` when neither mixup nor cutmix is on), from a CPU generator."""
+        """One `Mixing` per batch from a CPU generator (none when neither mixup nor cutmix is on)."""
         if not self.mixes:
-            return [Mixing(None)] * batches
+            return []
         # torch has no seeded Beta sampler: numpy's, seeded from the generator, keeps it a pure function of it.
-        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
         kinds = [k for k in ("mixup", "cutmix") if getattr(self, k) > 0]
         mixings = []
         for _ in range(batches):
@@ -225,8 +226,6 @@ class Augment:
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Blend each sample with its partner (row i with row B-1-i); labels become probabilities [B, C]."""
         targets = F.one_hot(labels, num_classes).to(x.dtype)
-        if mixing.kind is None:
-            return x, targets
         partner, partner_targets = x.flip(0), targets.flip(0)
         lam = mixing.lam
         if mixing.kind == "mixup":

@@ -166,9 +166,10 @@ class BatchLoader:
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         view = None
         if self.views:
-            # Which view each sample takes this epoch; its choices are the view's, made once per loader.
+            # Which view each sample takes this epoch (from the CPU generator: the same on every device);
+            # its choices are the view's, made once per loader.
             view = torch.full((n,), self.view, device=self.device) if self.view is not None else \
-                torch.randint(self.views, (n,), generator=generator).to(self.device)  # a CPU generator: same everywhere
+                torch.randint(self.views, (n,), generator=generator, device="cpu").to(self.device)
             if self._view_draws is None:
                 self._view_draws = [self.augment.view(n, v).to(self.device) for v in range(self.views)]
             draws = Draws.choose(self._view_draws, view)
@@ -177,7 +178,7 @@ class BatchLoader:
             draws = self.augment.draw(n, generator).to(self.device)
         else:
             draws = None
-        mixings = self.augment.draw_mixing(len(self), generator) if self.augment is not None else None
+        mixings = self.augment.draw_mixing(len(self), generator) if self.augment is not None else []
         images, labels = self.data.images, self.data.labels
         if self.on_device:
             if self._source is None:
@@ -203,7 +204,7 @@ class BatchLoader:
             x = x.sub_(self._shift).mul_(self._scale)
             if draws is not None:
                 x = self.augment.cut_out(x, rows)
-            if mixings is not None and self.augment.mixes:
+            if mixings:
                 x, y = self.augment.mix(x, y, self.num_classes, mixings[start // self.batch_size])
             if view is not None:
                 index = view[index] * n + index

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kdistill.config.loading import TEACHER_SIGNALS
 from kdistill.data.augment import Augment
 from kdistill.distill.taps import FeatureTaps
 from kdistill.errors import KdistillError
@@ -72,9 +73,6 @@ class LiveTeacher:
         return logits, (self.taps.pop() if self.taps else {})
 
 
-SIGNALS = ("auto", "live", "cached", "cached_views")
-
-
 def choose_teacher_signal(requested: str, augment: Augment | None, taps_teacher: bool) -> tuple[str, str]:
     """(signal, why) for a distillation that needs the teacher: `requested` is distill.teacher_signal.
 
@@ -82,8 +80,8 @@ def choose_teacher_signal(requested: str, augment: Augment | None, taps_teacher:
     per-sample augmentation, the live teacher when batches are mixed or its features are tapped.
     An explicit choice that cannot be right is refused rather than quietly changed.
     """
-    if requested not in SIGNALS:
-        raise KdistillError(f"distill.teacher_signal: {requested!r} is not one of {', '.join(SIGNALS)}")
+    if requested not in TEACHER_SIGNALS:
+        raise KdistillError(f"distill.teacher_signal: {requested!r} is not one of {', '.join(TEACHER_SIGNALS)}")
     augmented, mixes = augment is not None and augment.enabled, augment is not None and augment.mixes
     if requested == "live":
         return "live", "asked for (distill.teacher_signal=live)"
