@@ -219,7 +219,10 @@ def _step(args, pipeline) -> None:
         logits, path, built, seconds = pipeline.soft_labels()
         size = path.stat().st_size
         rows = f"{pipeline.views} views x {logits.shape[0] // pipeline.views}" if pipeline.views else logits.shape[0]
-        say(f"{'built' if built else 'already cached'}: {path} ({rows} x {logits.shape[1]} logits, "
+        from kdistill.distill import TopKLogits
+
+        kept = f"top {logits.k} of {logits.shape[1]}" if isinstance(logits, TopKLogits) else logits.shape[1]
+        say(f"{'built' if built else 'already cached'}: {path} ({rows} x {kept} logits, "
             f"{size / 1024:.0f} KiB, {seconds:.1f}s)")
     elif command == "eval":
         say(pipeline.report(pipeline.evaluate()))

@@ -39,7 +39,7 @@ from torch import nn
 from kdistill import __version__
 from kdistill.config.describe import flatten
 from kdistill.data import Augment, BatchLoader, load_data
-from kdistill.distill import Distiller, cached_teacher_logits
+from kdistill.distill import Distiller, TopKLogits, cached_teacher_logits
 from kdistill.distill.signals import check_cache_dir, choose_teacher_signal, default_cache_dir, weights_digest
 from kdistill.errors import KdistillError
 from kdistill.evaluation import gap_recovered, latency_ms, machine_load, model_metrics
@@ -452,7 +452,7 @@ class Pipeline:
             raise KdistillError(f"{self.role_dir('student')} was distilled from another teacher than this run's; "
                                 "retrain it with `kdistill distill --force`, or start over with `kdistill run --force`")
 
-    def soft_labels(self) -> tuple[torch.Tensor, Path, bool, float]:
+    def soft_labels(self) -> tuple[torch.Tensor | TopKLogits, Path, bool, float]:
         """The teacher's logits for every training sample (for each of its views with cached_views): cached on
         disk, built if missing."""
         started = time.perf_counter()
@@ -464,7 +464,7 @@ class Pipeline:
         with distributed.main_first():  # rank 0 builds the entry, the others then load it
             logits, path, built = cached_teacher_logits(
                 teacher, loader, self.data.train.images, loader.preprocessing, self.cache_dir,
-                teacher_config=teacher_config, log=self.progress.line)
+                teacher_config=teacher_config, top_k=self.cfg.distill.top_k, log=self.progress.line)
         return logits, path, built, time.perf_counter() - started
 
     def _distiller(self, student: nn.Module) -> Distiller:

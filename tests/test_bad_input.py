@@ -34,6 +34,7 @@ def fails_cleanly(capsys, argv, expected: str) -> str:
         ("student.name=resnet_huge", "unknown model"),
         ("data.name=fashion_mnst", "fashion_mnist"),
         ("distill.views=0", "distill.views: the teacher's logits are cached for this many augmented views"),
+        ("distill.top_k=-1", "distill.top_k: the number of logits kept per cached row"),
         ("distill.teacher_signal=cache", "distill.teacher_signal: 'cache' is not one of auto, live"),
         ("train.augment.resized_crop=[0.5,0.2]", "train.augment.resized_crop: must be [min, max]"),
         ("train.augment.color_jitter=2", "train.augment.color_jitter: must be >= 0 and finite and <= 1, got 2.0"),

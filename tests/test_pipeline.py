@@ -133,6 +133,15 @@ def test_steps_alone(tmp_path, soft_label_cache, capsys):
     assert (tmp_path / "runs" / "digits_quick" / "report.md").exists()
 
 
+def test_a_run_can_cache_only_the_top_k_logits(tmp_path, soft_label_cache, capsys):
+    assert run_cli(tmp_path, "run", "distill.top_k=3", "--quiet") == 0
+    (entry,) = soft_label_cache.glob("*.safetensors")
+    tensors = load_file(entry)
+    assert "logits" not in tensors and tensors["top_values"].shape[1] == 3
+    assert run_cli(tmp_path, "soft-labels", "distill.top_k=3", "--quiet") == 0
+    assert "top 3 of 10 logits" in capsys.readouterr().out
+
+
 def test_an_augmented_run_learns_from_cached_views(tmp_path, soft_label_cache, capsys):
     assert run_cli(tmp_path, "run", "train.augment.crop_padding=1", "distill.views=3") == 0
     assert "teacher signal: cached_views (per-sample augmentation" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from torch import nn
 
 from kdistill.data import BatchLoader, ImageSet
 from kdistill.distill import cached_teacher_logits, check_cache_dir, soft_label_key, teacher_logits
-from kdistill.distill.signals import weights_digest
+from kdistill.distill.signals import CachedTeacher, TopKLogits, weights_digest
 from kdistill.errors import KdistillError
 from kdistill.train.checkpoint import load_tensors, save_tensors
 
@@ -223,3 +223,44 @@ def test_a_usable_cache_dir_is_created_and_left_clean(tmp_path, soft_label_cache
     assert check_cache_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
     assert list((tmp_path / "a" / "b").iterdir()) == []
     assert check_cache_dir(None) == soft_label_cache  # $KDISTILL_CACHE_DIR
+
+
+def test_a_top_k_table_keeps_each_rows_top_probabilities_and_its_tail_mass():
+    logits = torch.randn(40, 100, generator=torch.Generator().manual_seed(0)) * 4
+    table = TopKLogits.of(logits, 5)
+    assert table.values.dtype == torch.float16 and table.classes.dtype == torch.int16 and table.shape == (40, 100)
+    index = torch.tensor([3, 0, 39, 3])
+    rebuilt, original = table[index].softmax(1), logits[index].softmax(1)
+    top = original.topk(5, dim=1).indices
+    # The stored classes keep their probabilities (to fp16's rounding of the logits), the rest its mass.
+    torch.testing.assert_close(rebuilt.gather(1, top), original.gather(1, top), rtol=5e-3, atol=1e-6)
+    torch.testing.assert_close(rebuilt.sum(1), torch.ones(4))
+    rest = rebuilt.scatter(1, top, 0.0)
+    assert torch.allclose(rest.sum(1), original.scatter(1, top, 0.0).sum(1), rtol=5e-3)
+    assert torch.allclose(rest.max(1).values * 95, rest.sum(1), rtol=1e-5)  # spread evenly over 95 classes
+    # With one class left out, its logit is the tail's log-sum-exp itself: the row is rebuilt whole.
+    torch.testing.assert_close(TopKLogits.of(logits, 99)[index], logits[index], rtol=1e-3, atol=1e-2)
+    assert torch.equal(CachedTeacher(table)(torch.zeros(4), index).logits, table[index])
+
+
+def test_a_top_k_entry_is_stored_compactly_keyed_apart_and_read_back(data, loader, soft_label_cache):
+    teacher = net()
+    full, full_path, _ = soft_labels(teacher, data, loader)
+    table, path, built = soft_labels(teacher, data, loader, top_k=1)
+    assert built and path != full_path and isinstance(table, TopKLogits)
+    assert set(load_tensors(path)[0]) == {"top_values", "top_classes", "tail_logsumexp", "probe_inputs",
+                                          "probe_outputs"}
+    torch.testing.assert_close(table.values.float(), full.max(1, keepdim=True).values, rtol=1e-3, atol=1e-3)
+    again, _, built = soft_labels(teacher, data, loader, top_k=1)
+    assert not built and torch.equal(again.values, table.values) and torch.equal(again.tail, table.tail)
+    # k at or above the class count (3) keeps every logit: the full table, under its own key.
+    assert soft_labels(teacher, data, loader, top_k=3)[1:] == (full_path, False)
+
+
+def test_a_top_k_entry_with_a_class_out_of_range_is_rebuilt(data, loader, soft_label_cache, capsys):
+    teacher = net()
+    _, path, _ = soft_labels(teacher, data, loader, top_k=2)
+    edit_entry(path, lambda t: {**t, "top_classes": t["top_classes"] + 3})
+    assert soft_labels(teacher, data, loader, top_k=2)[2]
+    err = capsys.readouterr().err
+    assert "class indices outside [0, 3)" in err and "rebuilding it" in err

@@ -27,6 +27,7 @@ MAX_COUNT = 100_000  # epochs, step_epochs, early_stop_patience: far beyond any 
 MAX_BATCH = 2**20
 TEACHER_SIGNALS = ("auto", "live", "cached", "cached_views")
 MAX_VIEWS = 1024  # a table of views x samples x classes logits: far beyond this it is no cache
+MAX_TOP_K = 2 ** 20
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
 # Maps whose keys the schema does not fix: a `{...}` override replaces them (or a map inside them) whole.
 FREE_FORM_MAPS = ("teacher.kwargs", "student.kwargs", "distill.losses")
@@ -329,6 +330,8 @@ def validate(cfg: DictConfig) -> None:
     _check(is_number(cfg.distill.views) and 1 <= cfg.distill.views <= MAX_VIEWS, "distill.views",
            f"the teacher's logits are cached for this many augmented views of each sample: give 1 to {MAX_VIEWS}, "
            f"got {cfg.distill.views!r}")
+    _check(is_number(cfg.distill.top_k) and 0 <= cfg.distill.top_k <= MAX_TOP_K, "distill.top_k",
+           f"the number of logits kept per cached row: 0 (every one) to {MAX_TOP_K}, got {cfg.distill.top_k!r}")
     _in_range(cfg.eval.batch_size, "eval.batch_size", 1, MAX_BATCH)
     _in_range(cfg.eval.latency_repeats, "eval.latency_repeats", 1, 10_000)
     batches = cfg.eval.latency_batches

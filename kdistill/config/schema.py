@@ -98,6 +98,9 @@ class DistillConfig:
     # cutmix or tapped teacher features; cached needs unaugmented inputs, cached_views augmented ones.
     teacher_signal: str = "auto"  # where the student's targets come from: auto | live | cached | cached_views
     views: int = 8  # cached_views: the teacher's logits are stored for this many augmented views of each sample
+    # cached signals with many classes: store each row's top_k logits and the total mass of the rest
+    # (T = 1 probabilities of those k exact, the rest spread evenly); 0 = every logit
+    top_k: int = 0
     cache_dir: Optional[str] = None  # null = $KDISTILL_CACHE_DIR or ~/.cache/kdistill/soft_labels
 
 

@@ -5,6 +5,7 @@ from kdistill.distill.signals import (
     CachedTeacher,
     LiveTeacher,
     TeacherOutput,
+    TopKLogits,
     cached_teacher_logits,
     check_cache_dir,
     freeze,
@@ -14,6 +15,6 @@ from kdistill.distill.signals import (
 from kdistill.distill.taps import FeatureTaps
 
 __all__ = [
-    "CachedTeacher", "Distiller", "FeatureTaps", "LiveTeacher", "TeacherOutput",
+    "CachedTeacher", "Distiller", "FeatureTaps", "LiveTeacher", "TeacherOutput", "TopKLogits",
     "cached_teacher_logits", "check_cache_dir", "freeze", "soft_label_key", "teacher_logits",
 ]

@@ -163,7 +163,7 @@ class Distiller(nn.Module):
                  for label, term in self.objective.terms.items()}
         parts = {"objective": terms}
         if isinstance(self.signal, CachedTeacher):
-            parts["teacher"] = tensor_digest(self.signal.logits)
+            parts["teacher"] = self.signal.digest()
         elif self.signal is not None:
             set_epoch = getattr(loader, "set_epoch", None)
             if set_epoch is not None:

@@ -7,13 +7,15 @@ by sample index in a table computed once per (teacher, data, preprocessing) and 
 the teacher's outputs on a few probe inputs that tell, on every load, whether the teacher still
 behaves the same. With per-sample augmentation the table holds K augmented views of every sample
 (Shen & Xing 2022): the loader regenerates exactly the view whose logits are stored, so the student
-is never taught on a view the teacher did not see (which Beyer et al. 2022 found hurts).
+is never taught on a view the teacher did not see (which Beyer et al. 2022 found hurts). With many
+classes a table can keep only each row's top-k logits and the mass of the rest (`TopKLogits`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -107,17 +109,65 @@ def choose_teacher_signal(requested: str, augment: Augment | None, taps_teacher:
     return "cached", "no augmentation: the teacher's logits on each training sample"
 
 
+class TopKLogits:
+    """A compact soft-label table: each row's k largest logits (fp16), their classes, and the log-sum-exp
+    of the row's other logits (fp32), for tables whose classes are many (Shen & Xing 2022 keep the top
+    5-10 of ImageNet's 1000 per view).
+
+    Indexing rebuilds dense fp32 logits for a batch: the k stored logits as they were, and every other
+    class at `tail - log(C - k)`, so that the softmax at T = 1 gives the k classes exactly their
+    probabilities and the others, together, exactly their total mass, spread evenly. At other
+    temperatures (and for terms that read raw logits, such as logit MSE) the tail is an approximation.
+    """
+
+    def __init__(self, values: Tensor, classes: Tensor, tail: Tensor, num_classes: int):
+        if not 0 < values.shape[1] < num_classes:
+            raise ValueError(f"top-k needs 0 < k < classes, got k={values.shape[1]} of {num_classes}")
+        self.values, self.classes, self.tail, self.num_classes = values, classes, tail, num_classes
+
+    @classmethod
+    def of(cls, logits: Tensor, k: int) -> "TopKLogits":
+        logits = logits.float()
+        values, classes = logits.topk(k, dim=1)
+        tail = torch.logsumexp(logits.scatter(1, classes, float("-inf")), dim=1)
+        index_dtype = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+        return cls(values.half(), classes.to(index_dtype), tail, logits.shape[1])
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape[0], self.num_classes
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"top_values": self.values, "top_classes": self.classes, "tail_logsumexp": self.tail}
+
+    def to(self, device: torch.device) -> "TopKLogits":
+        return TopKLogits(self.values.to(device), self.classes.to(device), self.tail.to(device), self.num_classes)
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        fill = self.tail[index] - math.log(self.num_classes - self.k)
+        dense = fill[:, None].expand(-1, self.num_classes).contiguous()
+        return dense.scatter_(1, self.classes[index].long(), self.values[index].float())
+
+
 class CachedTeacher:
     """Teacher logits looked up by each batch's `index`: a sample's position in the training set, or a
     (view, sample) row when the loader draws cached views. Kept in the stored dtype (fp16 for views)."""
 
-    def __init__(self, logits: Tensor):
+    def __init__(self, logits: Tensor | TopKLogits):
         self.logits = logits
 
     def to(self, device: torch.device) -> "CachedTeacher":
         """Keep the table where the batches' indices are: one gather per step, no copy."""
         self.logits = self.logits.to(device)
         return self
+
+    def digest(self) -> str:
+        table = self.logits
+        return tensor_digest(*(table.tensors().values() if isinstance(table, TopKLogits) else [table]))
 
     def __call__(self, inputs: Tensor, index: Tensor | None = None) -> TeacherOutput:
         if index is None:
@@ -153,7 +203,7 @@ PROBE_SIZE = 8
 
 
 def soft_label_key(teacher: nn.Module, images: Tensor, preprocessing: str, precision: str = "fp32", *,
-                   teacher_config: str | None = None) -> str:
+                   teacher_config: str | None = None, top_k: int = 0) -> str:
     """What the cached logits depend on: the teacher (class, config, repr, weights), the exact images, their
     preprocessing.
 
@@ -164,6 +214,8 @@ def soft_label_key(teacher: nn.Module, images: Tensor, preprocessing: str, preci
     kind = f"{type(teacher).__module__}.{type(teacher).__qualname__}"
     parts = [CACHE_VERSION, kind, teacher_config or "", repr(teacher), weights_digest(teacher),
              tensor_digest(images), preprocessing, precision]
+    if top_k:  # only then, so that full tables keep their keys
+        parts.append(f"top_k={top_k}")
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
@@ -227,17 +279,21 @@ def check_cache_dir(path: Path | str | None = None) -> Path:
 
 def cached_teacher_logits(teacher: nn.Module, loader, images: Tensor, preprocessing: str,
                           cache_dir: Path | None = None, precision: str = "fp32", *, teacher_config: str | None = None,
-                          log: Callable[[str], None] | None = None) -> tuple[Tensor, Path, bool]:
+                          top_k: int = 0, log: Callable[[str], None] | None = None
+                          ) -> tuple[Tensor | TopKLogits, Path, bool]:
     """Load the teacher's logits for the training set from the cache, or compute and store them.
 
-    Returns (logits [N, C], cache file, whether they were computed now). An entry that does not
+    Returns (logits [N, C], cache file, whether they were computed now); with 0 < `top_k` < C, a
+    `TopKLogits` table that keeps each row's `top_k` largest logits. An entry that does not
     read back, or whose stored probe outputs the teacher no longer reproduces, is rebuilt with a
     line to `log` (default: stderr). One process at a time checks and builds an entry: a second
     run sharing the teacher waits for the first (a line to `log`) and then loads its entry.
     """
     log = log or _to_stderr
     cache_dir = check_cache_dir(cache_dir)
-    key = soft_label_key(teacher, images, preprocessing, precision, teacher_config=teacher_config)
+    if top_k and top_k >= _probe_outputs(teacher, _probe_inputs(loader, 1)).shape[1]:
+        top_k = 0  # k >= C: every logit is kept anyway
+    key = soft_label_key(teacher, images, preprocessing, precision, teacher_config=teacher_config, top_k=top_k)
     path = cache_dir / f"{key}.safetensors"
     views = getattr(loader, "views", 0)
     rows = images.shape[0] * max(views, 1)
@@ -250,12 +306,18 @@ def cached_teacher_logits(teacher: nn.Module, loader, images: Tensor, preprocess
             log(f"soft-label cache entry {path} {problem}: rebuilding it")
         logits = teacher_logits(teacher, loader, rows, precision)
         # K tables: half the bytes; fp16 keeps logits to 3 significant digits, ample for soft targets
-        if views and logits.abs().max() < torch.finfo(torch.float16).max:
-            logits = logits.half()
+        fits_fp16 = bool(logits.abs().max() < torch.finfo(torch.float16).max)
+        table: Tensor | TopKLogits = logits
+        if top_k and fits_fp16:
+            table = TopKLogits.of(logits, top_k)
+        elif views and fits_fp16:
+            table = logits.half()
+        stored = table.tensors() if isinstance(table, TopKLogits) else {"logits": table}
         probe = _probe_inputs(loader)
-        save_tensors(path, {"logits": logits, "probe_inputs": probe, "probe_outputs": _probe_outputs(teacher, probe)},
-                     {"version": CACHE_VERSION, "preprocessing": preprocessing, "precision": precision})
-    return logits, path, True
+        save_tensors(path, {**stored, "probe_inputs": probe, "probe_outputs": _probe_outputs(teacher, probe)},
+                     {"version": CACHE_VERSION, "preprocessing": preprocessing, "precision": precision,
+                      "top_k": str(top_k)})
+    return table, path, True
 
 
 def _probe_inputs(loader, size: int = PROBE_SIZE) -> Tensor:
@@ -294,20 +356,24 @@ def _probe_outputs(teacher: nn.Module, inputs: Tensor) -> Tensor:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def _read_entry(path: Path, teacher: nn.Module, num_samples: int) -> tuple[Tensor | None, str]:
+def _read_entry(path: Path, teacher: nn.Module, num_samples: int) -> tuple[Tensor | TopKLogits | None, str]:
     """The cached logits, or None and why the entry cannot be trusted."""
     try:
         tensors = load_tensors(path)[0]
     except KdistillError:
         return None, "does not read back as safetensors"
-    missing = [k for k in ("logits", "probe_inputs", "probe_outputs") if k not in tensors]
+    table_names = ("top_values", "top_classes", "tail_logsumexp") if "top_values" in tensors else ("logits",)
+    missing = [k for k in (*table_names, "probe_inputs", "probe_outputs") if k not in tensors]
     if missing:
         return None, f"lacks {', '.join(missing)}"
-    logits, expected = tensors["logits"], tensors["probe_outputs"].float()
-    if logits.ndim != 2 or logits.shape[0] != num_samples or expected.ndim != 2 or logits.shape[1] != expected.shape[1]:
-        return None, f"holds logits of shape {tuple(logits.shape)} for {num_samples} samples"
-    if not torch.isfinite(logits).all():
-        return None, "holds NaN or inf"
+    expected = tensors["probe_outputs"].float()
+    if expected.ndim != 2:
+        return None, f"holds probe outputs of shape {tuple(expected.shape)}"
+    table, problem = _table(tensors, expected.shape[1])
+    if table is None:
+        return None, problem
+    if table.shape[0] != num_samples:
+        return None, f"holds a table of shape {tuple(table.shape)} for {num_samples} samples"
     try:
         outputs = _probe_outputs(teacher, tensors["probe_inputs"])
     except (RuntimeError, ValueError):
@@ -316,7 +382,27 @@ def _read_entry(path: Path, teacher: nn.Module, num_samples: int) -> tuple[Tenso
     if outputs.shape != expected.shape or not torch.allclose(outputs, expected, rtol=1e-4, atol=1e-5):
         return None, ("is stale: the teacher no longer gives its stored outputs on the probe inputs "
                       "(same weights and config, so its code or a plain attribute changed)")
-    return logits if logits.dtype == torch.float16 else logits.float(), ""
+    return table, ""
+
+
+def _table(tensors: dict[str, Tensor], classes: int) -> tuple[Tensor | TopKLogits | None, str]:
+    """The entry's soft-label table (dense logits, or a top-k table), or None and what is wrong with it."""
+    if "top_values" not in tensors:
+        logits = tensors["logits"]
+        if logits.ndim != 2 or logits.shape[1] != classes:
+            return None, f"holds logits of shape {tuple(logits.shape)} for {classes} classes"
+        if not torch.isfinite(logits).all():
+            return None, "holds NaN or inf"
+        return (logits if logits.dtype == torch.float16 else logits.float()), ""
+    values, indices, tail = tensors["top_values"], tensors["top_classes"], tensors["tail_logsumexp"]
+    if values.ndim != 2 or indices.shape != values.shape or tail.shape != values.shape[:1] \
+            or not 0 < values.shape[1] < classes:
+        return None, f"holds a top-k table of shape {tuple(values.shape)} for {classes} classes"
+    if not (torch.isfinite(values).all() and torch.isfinite(tail).all()):
+        return None, "holds NaN or inf"
+    if indices.is_floating_point() or indices.min() < 0 or indices.max() >= classes:
+        return None, f"holds class indices outside [0, {classes})"
+    return TopKLogits(values, indices, tail, classes), ""
 
 
 def _to_stderr(line: str) -> None:
