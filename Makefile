@@ -54,7 +54,7 @@ bench-accuracy: setup data
 # Seed 002's study (BENCHMARKS.md): hours on a CPU, most of it the residual teacher. Stop it and run it
 # again at will: finished cells are kept, an interrupted training resumes. The report is built at the end.
 KD := $(VENV)/bin/kdistill
-STUDY := --seeds 0,1,2 --jobs $(or $(JOBS),1)
+STUDY := --seeds 0,1,2 --jobs $(or $(JOBS),2)
 .PHONY: study
 study: setup data
 	$(KD) sweep study_fashion_mnist teacher.name=resnet,mlp $(STUDY) --name study_objectives \

@@ -212,8 +212,11 @@ class Sweep:
             baselines.setdefault(self.baseline_key(cell), cell)
         failures: list[str] = []
         # Teachers first, then one baseline per distinct student and training, then every cell.
-        self._parallel([("train", self.teacher_dir(k).name, c) for k, c in teachers.items()], slots, say, failures,
-                       what="teacher")
+        # On CPUs the teachers train one at a time with every thread: a small teacher finishing early
+        # would otherwise leave the large one on half the threads while the other slot idles.
+        teacher_slots = slots if slots[0][1] is not None else _slots(1, "cpu")
+        self._parallel([("train", self.teacher_dir(k).name, c) for k, c in teachers.items()], teacher_slots, say,
+                       failures, what="teacher")
         firsts = [c for c in baselines.values() if not (self.folder / c.name / "baseline" / "model.safetensors")
                   .exists()]
         self._parallel([("train --baseline", c.name, c) for c in firsts], slots, say, failures, what="baseline")
