@@ -456,15 +456,16 @@ class Pipeline:
         """The teacher's logits for every training sample (for each of its views with cached_views): cached on
         disk, built if missing."""
         started = time.perf_counter()
-        # In order; unaugmented (the same preprocessing as evaluation), or view by view.
-        loader = self.loader("train", views=self.views)
+        # In order; unaugmented (the same preprocessing as evaluation), or view by view; sharded by rank.
+        loader = self.loader("train", shard=True, views=self.views)
         teacher_config = OmegaConf.to_yaml({"name": self.cfg.teacher.name, "kwargs": self.cfg.teacher.kwargs},
                                            resolve=True)
         teacher = self.model("teacher")
-        with distributed.main_first():  # rank 0 builds the entry, the others then load it
-            logits, path, built = cached_teacher_logits(
-                teacher, loader, self.data.train.images, loader.preprocessing, self.cache_dir,
-                teacher_config=teacher_config, top_k=self.cfg.distill.top_k, log=self.progress.line)
+        # Under torchrun every process runs the teacher on its share of each batch; rank 0 stores the entry.
+        logits, path, built = cached_teacher_logits(
+            teacher, loader, self.data.train.images, loader.preprocessing, self.cache_dir,
+            teacher_config=teacher_config, top_k=self.cfg.distill.top_k, log=self.progress.line,
+            main=distributed.is_main(), total=distributed.sum_ if distributed.active() else None)
         return logits, path, built, time.perf_counter() - started
 
     def _distiller(self, student: nn.Module) -> Distiller:

@@ -197,12 +197,16 @@ DDP_TOLERANCE = 1e-5
 
 
 def test_two_processes_train_what_one_process_trains(tmp_path):
-    cache = {"KDISTILL_CACHE_DIR": str(tmp_path / "cache")}
-    one = _kdistill(*DDP_ARGS, f"out_dir={tmp_path / 'one'}", env=cache)
+    # Each with its own soft-label cache: the two processes build their entry together.
+    one = _kdistill(*DDP_ARGS, f"out_dir={tmp_path / 'one'}", env={"KDISTILL_CACHE_DIR": str(tmp_path / "cache1")})
     assert one.returncode == 0, one.stderr
-    two = _kdistill(*DDP_ARGS, f"out_dir={tmp_path / 'two'}", "--nproc", "2", env=cache)
+    two = _kdistill(*DDP_ARGS, f"out_dir={tmp_path / 'two'}", "--nproc", "2",
+                    env={"KDISTILL_CACHE_DIR": str(tmp_path / "cache2")})
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("gap recovered") == 1  # rank 0 alone reports
+    (entry1,), (entry2,) = (tmp_path / "cache1").glob("*.safetensors"), (tmp_path / "cache2").glob("*.safetensors")
+    # (Different keys: the two teachers' weights differ in their last bits, see DDP_TOLERANCE.)
+    torch.testing.assert_close(load_file(entry2)["logits"], load_file(entry1)["logits"], rtol=0, atol=1e-5)
     for role in ("teacher", "baseline", "student"):
         a = load_file(tmp_path / "one" / RUN / role / "model.safetensors")
         b = load_file(tmp_path / "two" / RUN / role / "model.safetensors")

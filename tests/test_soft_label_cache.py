@@ -264,3 +264,21 @@ def test_a_top_k_entry_with_a_class_out_of_range_is_rebuilt(data, loader, soft_l
     assert soft_labels(teacher, data, loader, top_k=2)[2]
     err = capsys.readouterr().err
     assert "class indices outside [0, 3)" in err and "rebuilding it" in err
+
+
+def test_processes_sharing_a_build_each_run_the_teacher_on_their_share(data):
+    """What torchrun's processes do (`total` is their all-reduce sum): each fills its rows; the sum is the table."""
+    teacher = net()
+    shares = [BatchLoader(data, 10, mean=(0.5,), std=(0.25,), rank=r, world_size=2) for r in (0, 1)]
+    whole = teacher_logits(teacher, BatchLoader(data, 10, mean=(0.5,), std=(0.25,)), 64)
+    sent = {}
+
+    def send(tensor):  # rank 1's contribution, recorded as an all-reduce would receive it
+        sent[tensor.ndim] = tensor.clone()
+        return tensor
+
+    with pytest.raises(ValueError, match="every training sample exactly once"):
+        teacher_logits(teacher, shares[1], 64, total=send)  # a share alone is not the table
+    table = teacher_logits(teacher, shares[0], 64, total=lambda tensor: tensor + sent[tensor.ndim])
+    torch.testing.assert_close(table, whole)
+    assert 0 < sent[1].sum() < 64  # rank 1 ran the teacher on some of the samples, not all

@@ -13,6 +13,7 @@ classes a table can keep only each row's top-k logits and the mass of the rest (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -234,26 +235,30 @@ def _every_view(loader):
 
 
 @torch.inference_mode()
-def teacher_logits(teacher: nn.Module, loader, num_samples: int, precision: str = "fp32") -> Tensor:
+def teacher_logits(teacher: nn.Module, loader, num_samples: int, precision: str = "fp32",
+                   total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Run the frozen teacher over an unshuffled loader; rows in sample order, on the teacher's device.
 
     The loader is unaugmented, or draws cached views: then `num_samples` is views x samples, and
-    the row of view v of sample i is v * samples + i (the loader's `index`).
+    the row of view v of sample i is v * samples + i (the loader's `index`). Under torchrun the
+    loader gives each process its share of every batch and `total` sums a tensor over processes:
+    each fills its own rows of a zero table, and the sum is the whole table, on every process.
     """
     freeze(teacher)
     device = device_of(teacher)
-    table, filled = None, torch.zeros(num_samples, dtype=torch.bool, device=device)
+    classes = _probe_outputs(teacher, _probe_inputs(loader, 1)).shape[1]
+    table = torch.zeros(num_samples, classes, device=device)
+    filled = torch.zeros(num_samples, device=device)  # float: gloo sums no bools
     for batch in _every_view(loader):
         inputs, _, index = unpack(batch)
         inputs, index = inputs.to(device, non_blocking=True), index.to(device, non_blocking=True)
         with autocast(precision, device):
-            logits = teacher(inputs).float()
-        if table is None:
-            table = torch.empty(num_samples, logits.shape[1], device=device)
-        table[index] = logits
-        filled[index] = True
-    if table is None or not filled.all():
-        raise ValueError("the loader did not cover every training sample")
+            table[index] = teacher(inputs).float()
+        filled[index] += 1
+    if total is not None:
+        table, filled = total(table), total(filled)
+    if not (filled == 1).all():
+        raise ValueError("the loader did not give every training sample exactly once")
     if not torch.isfinite(table).all():
         raise KdistillError("the teacher's logits contain NaN or inf: check the teacher checkpoint")
     return table
@@ -279,15 +284,19 @@ def check_cache_dir(path: Path | str | None = None) -> Path:
 
 def cached_teacher_logits(teacher: nn.Module, loader, images: Tensor, preprocessing: str,
                           cache_dir: Path | None = None, precision: str = "fp32", *, teacher_config: str | None = None,
-                          top_k: int = 0, log: Callable[[str], None] | None = None
-                          ) -> tuple[Tensor | TopKLogits, Path, bool]:
+                          top_k: int = 0, log: Callable[[str], None] | None = None, main: bool = True,
+                          total: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor | TopKLogits, Path, bool]:
     """Load the teacher's logits for the training set from the cache, or compute and store them.
 
     Returns (logits [N, C], cache file, whether they were computed now); with 0 < `top_k` < C, a
     `TopKLogits` table that keeps each row's `top_k` largest logits. An entry that does not
     read back, or whose stored probe outputs the teacher no longer reproduces, is rebuilt with a
-    line to `log` (default: stderr). One process at a time checks and builds an entry: a second
-    run sharing the teacher waits for the first (a line to `log`) and then loads its entry.
+    line to `log` (default: stderr). One run at a time checks and builds an entry: a second run
+    sharing the teacher waits for the first (a line to `log`) and then loads its entry.
+
+    Several processes of one run (torchrun: `total` sums over them, `main` on rank 0 only, a loader
+    sharded by rank) build an entry together: the main process checks it under the lock, and if it
+    must be built every process runs the teacher on its share (`teacher_logits`); the main one stores it.
     """
     log = log or _to_stderr
     cache_dir = check_cache_dir(cache_dir)
@@ -297,27 +306,44 @@ def cached_teacher_logits(teacher: nn.Module, loader, images: Tensor, preprocess
     path = cache_dir / f"{key}.safetensors"
     views = getattr(loader, "views", 0)
     rows = images.shape[0] * max(views, 1)
-    with exclusive_lock(cache_dir / f"{key}.lock", f"soft-label cache entry {path}", wait=True, on_wait=log):
-        remove_stale_temporaries(cache_dir, recursive=False, name=path.name)  # a killed build's, under our lock
-        if path.exists():
-            logits, problem = _read_entry(path, teacher, rows)
-            if logits is not None:
-                return logits, path, False
-            log(f"soft-label cache entry {path} {problem}: rebuilding it")
-        logits = teacher_logits(teacher, loader, rows, precision)
-        # K tables: half the bytes; fp16 keeps logits to 3 significant digits, ample for soft targets
-        fits_fp16 = bool(logits.abs().max() < torch.finfo(torch.float16).max)
-        table: Tensor | TopKLogits = logits
-        if top_k and fits_fp16:
-            table = TopKLogits.of(logits, top_k)
-        elif views and fits_fp16:
-            table = logits.half()
-        stored = table.tensors() if isinstance(table, TopKLogits) else {"logits": table}
-        probe = _probe_inputs(loader)
-        save_tensors(path, {**stored, "probe_inputs": probe, "probe_outputs": _probe_outputs(teacher, probe)},
-                     {"version": CACHE_VERSION, "preprocessing": preprocessing, "precision": precision,
-                      "top_k": str(top_k)})
+    lock = exclusive_lock(cache_dir / f"{key}.lock", f"soft-label cache entry {path}", wait=True, on_wait=log) \
+        if main else contextlib.nullcontext()
+    with lock:
+        table, problem = None, "is missing"
+        if main:
+            remove_stale_temporaries(cache_dir, recursive=False, name=path.name)  # a killed build's, under our lock
+            if path.exists():
+                table, problem = _read_entry(path, teacher, rows)
+                if table is None:
+                    log(f"soft-label cache entry {path} {problem}: rebuilding it")
+        build = table is None
+        if total is not None:  # the main process's verdict, for every process
+            build = bool(total(torch.tensor([float(build and main)], device=device_of(teacher))).item())
+        if not build:
+            if table is None:  # another process of the run: rank 0 has checked the entry
+                table, problem = _read_entry(path, teacher, rows)
+                if table is None:
+                    raise KdistillError(f"soft-label cache entry {path} {problem} in this process although rank 0 "
+                                        "read it: give every process the same distill.cache_dir on a shared disk")
+            return table, path, False
+        table = _compact(teacher_logits(teacher, loader, rows, precision, total), top_k, views)
+        if main:
+            stored = table.tensors() if isinstance(table, TopKLogits) else {"logits": table}
+            probe = _probe_inputs(loader)
+            save_tensors(path, {**stored, "probe_inputs": probe, "probe_outputs": _probe_outputs(teacher, probe)},
+                         {"version": CACHE_VERSION, "preprocessing": preprocessing, "precision": precision,
+                          "top_k": str(top_k)})
     return table, path, True
+
+
+def _compact(logits: Tensor, top_k: int, views: int) -> Tensor | TopKLogits:
+    """The table as stored: top-k, or fp16 for K views (half the bytes; 3 significant digits are ample
+    for soft targets), or fp32; fp32 whenever a logit is beyond fp16's range."""
+    if not logits.abs().max() < torch.finfo(torch.float16).max:
+        return logits
+    if top_k:
+        return TopKLogits.of(logits, top_k)
+    return logits.half() if views else logits
 
 
 def _probe_inputs(loader, size: int = PROBE_SIZE) -> Tensor:

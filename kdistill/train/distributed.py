@@ -7,7 +7,6 @@ process, so the loop reads the same either way. Only rank 0 writes files and pri
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import os
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from kdistill.errors import KdistillError
 from kdistill.train.devices import resolve_device
 
-# Rank 0 alone builds the soft-label cache and evaluates while the others wait at a barrier.
+# Rank 0 alone evaluates, and may wait for another run's soft-label build, while the others wait.
 TIMEOUT = datetime.timedelta(hours=2)
 
 
@@ -84,16 +83,6 @@ def min_(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if active():
         dist.barrier()
-
-
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first (building a cache, say); the others run it once rank 0 is through."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
 
 
 def from_main(value):
