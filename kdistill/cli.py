@@ -86,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cells run at once, each with its share of the CPU threads (or its own GPU)")
     sweep.add_argument("--name", default=None, help="the sweep folder's name under out_dir (default: <recipe "
                                                     "name>_sweep)")
+    inspect = sub.add_parser(
+        "inspect", help="list every module path of a recipe's teacher and student (or of one model) with its output "
+                        "shape on one batch and its parameters: the paths that feature losses tap",
+        epilog="examples: kdistill inspect demo_fashion_mnist --role student\n"
+               "          kdistill inspect resnet width=16 --input-shape 3,32,32 --classes 100",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect.add_argument("target", help="YAML recipe file, a built-in recipe's name, or a registered model's name")
+    inspect.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="config overrides for a recipe; the model's arguments for a model (width=16)")
+    inspect.add_argument("--role", choices=("teacher", "student", "both"), default="both",
+                         help="a recipe's model to list (default: both)")
+    inspect.add_argument("--input-shape", default="1,28,28", metavar="C,H,W",
+                         help="a model: the input's channels, height and width (default 1,28,28)")
+    inspect.add_argument("--classes", type=int, default=10, help="a model: its number of classes (default 10)")
     listing = sub.add_parser("list", help="list built-in recipes, registered data sets, models or losses")
     listing.add_argument("kind", nargs="?", choices=LISTS, default=None)
     return parser
@@ -143,6 +157,56 @@ def _sweep(args) -> None:
     path = sweep.run()
     print(path.read_text(), end="")
     print(f"\nresults: {path} and {path.with_suffix('.csv')}")
+
+
+def _inspect(args) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from kdistill.config.describe import builtin_recipes
+    from kdistill.inspection import format_table, module_table
+    from kdistill.models import MODELS
+    from kdistill.models.probe import count_parameters
+
+    if args.target in MODELS and args.target not in builtin_recipes() and not Path(args.target).exists():
+        from omegaconf import OmegaConf
+
+        from kdistill.models.registry import create_model
+
+        shape = _input_shape(args.input_shape)
+        if args.classes < 1:
+            raise KdistillError(f"--classes must be at least 1, got {args.classes}")
+        bad = [item for item in args.overrides if "=" not in item or not item.split("=", 1)[0].isidentifier()]
+        if bad:
+            raise KdistillError(f"model arguments are name=value, got {bad[0]!r} (e.g. width=16)")
+        kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides))
+        model = create_model(args.target, shape, args.classes, **kwargs)
+        print(f"{args.target} ({count_parameters(model):,} parameters), a batch of 2 inputs of "
+              f"{'x'.join(map(str, shape))}, {args.classes} classes")
+        print(format_table(module_table(model, torch.zeros(2, *shape))))
+        return
+    from kdistill.config import load_config
+    from kdistill.pipeline import Pipeline
+    from kdistill.train.loop import unpack
+
+    cfg = load_config(args.target, args.overrides)
+    with Pipeline(cfg, progress="quiet", claim=False) as pipeline:
+        inputs = unpack(next(iter(pipeline.loader("val"))))[0][:2]
+        roles = ("teacher", "student") if args.role == "both" else (args.role,)
+        for i, role in enumerate(roles):
+            model = pipeline.build(role)
+            data = pipeline.data
+            print(("\n" if i else "") + f"{role}: {pipeline.specs[role].name} ({count_parameters(model):,} "
+                  f"parameters), 2 validation images of {data.name} ({'x'.join(map(str, data.input_shape))})")
+            print(format_table(module_table(model, inputs)))
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise KdistillError(f"--input-shape is channels,height,width (e.g. 3,32,32), got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def _report_on_folders(args) -> bool:
@@ -303,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 _list(args.kind)
             elif args.command == "sweep":
                 _sweep(args)
+            elif args.command == "inspect":
+                _inspect(args)
             else:
                 _run(args)
         except KdistillError as err:

@@ -11,6 +11,7 @@ from kdistill.data import BatchLoader, ImageSet
 from kdistill.distill import CachedTeacher, FeatureTaps, LiveTeacher, soft_label_key, teacher_logits
 from kdistill.errors import KdistillError
 from kdistill.losses import DistillInputs, LossTerm, build_objective
+from kdistill.models.registry import create_model
 from kdistill.storage import atomic_write
 
 
@@ -113,8 +114,11 @@ def test_terms_with_taps_and_parameters_slot_into_the_loop():
 
 
 def test_taps_report_unknown_paths():
-    with pytest.raises(KdistillError, match="no module 'body.fc9'"):
-        FeatureTaps(mlp(), ["body.fc9"])
+    named = create_model("mlp", (1, 4, 4), 3, hidden=[8, 8])
+    with pytest.raises(KdistillError, match=r"no module 'body.fc9' in MLP to tap \(nearest: body.fc2, body.fc1, body;"):
+        FeatureTaps(named, ["body.fc9"])
+    with pytest.raises(KdistillError, match=r"no module 'zzz' .*\(it has body, body.fc1, .*kdistill inspect RECIPE"):
+        FeatureTaps(named, ["zzz"])
     taps = FeatureTaps(mlp(), ["1"])
     taps.remove()
 
