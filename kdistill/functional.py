@@ -209,3 +209,149 @@ def cross_entropy(
         reduction=reduction,
     )
     return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
+
+
+# -- response methods beyond Hinton's KD ------------------------------------------------------
+
+def _check_class_labels(labels: Tensor, logits: Tensor, method: str) -> None:
+    if labels.is_floating_point() or labels.shape != logits.shape[:1]:
+        raise ValueError(f"{method} needs class indices of shape [N] (got {tuple(labels.shape)}, "
+                         f"{labels.dtype}); mixup and cutmix give class probabilities, which {method} cannot use")
+
+
+def _log_binary(log_p: Tensor, target: Tensor) -> Tensor:
+    """[N, 2] log-probabilities (target class, every other class together) from log-softmax [N, C]."""
+    log_target = log_p.gather(1, target[:, None])
+    log_others = torch.logsumexp(log_p.scatter(1, target[:, None], float("-inf")), dim=1, keepdim=True)
+    return torch.cat([log_target, log_others], dim=1)
+
+
+def _kl_from_logs(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """sum_c p_c (log p_c - log q_c) per row, from log-probabilities; entries with p_c = 0 count 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
+
+
+def dkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Decoupled KD: KD split into a target-class term and a non-target-class term, weighted apart.
+
+    Per sample, with p = softmax(z / T), y the label, b = [p_y, 1 - p_y] and p^ = the softmax over the
+    classes other than y::
+
+        alpha * T^2 * KL(b_t || b_s) + beta * T^2 * KL(p^_t || p^_s)         (TCKD + NCKD)
+
+    Computed from log-softmax (log(1 - p_y) as a log-sum-exp over the other classes), so it stays finite
+    where the official `log(softmax)` gives -inf; equal to mdistiller's `dkd_loss` elsewhere. With
+    alpha = beta = 1 it is not plain KD: KD = TCKD + (1 - p_t,y) * NCKD (the paper's eq. 3). Needs C >= 2.
+
+    Zhao, Cui, Song, Qiu, Liang (2022), "Decoupled Knowledge Distillation".
+    """
+    s, t = _prepare(student_logits, teacher_logits, temperature, reduction)
+    _check_class_labels(labels, s, "dkd")
+    if s.shape[-1] < 2:
+        raise ValueError("dkd needs at least 2 classes")
+    log_ps, log_pt = F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
+    tckd = _kl_from_logs(_log_binary(log_pt, labels), _log_binary(log_ps, labels))
+    mask = F.one_hot(labels, s.shape[-1]).bool()
+    # Non-target softmax: the label's logit removed (-inf) and the rest renormalised. The label's entry
+    # is then set to log 1 in both, adding 1 * (0 - 0): no -inf reaches the KL or its gradient.
+    log_qs = F.log_softmax((s / temperature).masked_fill(mask, float("-inf")), dim=-1).masked_fill(mask, 0.0)
+    log_qt = F.log_softmax((t / temperature).masked_fill(mask, float("-inf")), dim=-1).masked_fill(mask, 0.0)
+    nckd = _kl_from_logs(log_qt, log_qs)
+    return _reduce(temperature**2 * (alpha * tckd + beta * nckd), reduction)
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of each row of a with the same row of b (the DIST code's eps)."""
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+) -> Tensor:
+    """DIST: match the teacher's predictions by correlation rather than exactly, across classes and samples.
+
+    With P = softmax(Z / T) as [N, C] matrices and rho the Pearson correlation::
+
+        T^2 * ( beta * (1 - mean_n rho(P_s[n, :], P_t[n, :]))      inter-class, per sample
+              + gamma * (1 - mean_c rho(P_s[:, c], P_t[:, c])) )   intra-class, per class over the batch
+
+    A batch-level loss (the intra-class term needs the batch): no reduction argument; N >= 2.
+    Huang, You, Wang, Qian, Xu (2022), "Knowledge Distillation from A Stronger Teacher".
+    """
+    s, t = _prepare(student_logits, teacher_logits, temperature, "mean")
+    if s.shape[0] < 2:
+        raise ValueError("dist needs a batch of at least 2 samples (its intra-class term correlates over the batch)")
+    ps, pt = F.softmax(s / temperature, dim=-1), F.softmax(t / temperature, dim=-1)
+    inter = 1 - _pearson_rows(ps, pt).mean()
+    intra = 1 - _pearson_rows(ps.T, pt.T).mean()
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each row minus its mean, over its (unbiased) standard deviation plus eps (Sun et al. 2024's `normalize`)."""
+    logits = _upcast(logits)
+    return (logits - logits.mean(dim=-1, keepdim=True)) / (eps + logits.std(dim=-1, keepdim=True))
+
+
+def logit_standardized_kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 2.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """KD on standardised logits: `kd_div(standardize(s), standardize(t), T)`.
+
+    Standardising (zero mean, unit standard deviation per row) lets the student match the teacher's
+    logit relations without matching their scale, so one temperature suits both. Needs C >= 2.
+    Sun, Ren, Li, Wang, Cao (2024), "Logit Standardization in Knowledge Distillation".
+    """
+    s, t = _prepare(student_logits, teacher_logits, temperature, reduction)
+    if s.shape[-1] < 2:
+        raise ValueError("logit_standardized_kd needs at least 2 classes (a standard deviation)")
+    return _reduce(_kd_per_sample(standardize_logits(s), standardize_logits(t), temperature), reduction)
+
+
+def reverse_kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Reverse KL, T^2 * KL(p_s || p_t): mode-seeking (the student may ignore classes the teacher spreads
+    mass over), where KD's KL(p_t || p_s) is mass-covering. Used for generative students by Gu, Dong, Wei,
+    Huang (2024), "MiniLLM: Knowledge Distillation of Large Language Models"."""
+    s, t = _prepare(student_logits, teacher_logits, temperature, reduction)
+    return _reduce(_kd_per_sample(t, s, temperature), reduction)
+
+
+def js_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Jensen-Shannon divergence between the softened outputs, times T^2::
+
+        T^2 * ( KL(p_s || m) + KL(p_t || m) ) / 2,   m = (p_s + p_t) / 2
+
+    Symmetric and bounded by T^2 log 2. (Agarwal et al. 2024, "On-Policy Distillation of Language
+    Models", compare it with forward and reverse KL as a distillation divergence.)
+    """
+    s, t = _prepare(student_logits, teacher_logits, temperature, reduction)
+    log_ps, log_pt = F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_ps, log_pt]), dim=0) - math.log(2.0)
+    return _reduce(temperature**2 * (_kl_from_logs(log_ps, log_m) + _kl_from_logs(log_pt, log_m)) / 2, reduction)

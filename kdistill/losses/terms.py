@@ -67,7 +67,7 @@ def register_loss(name: str, description: str) -> Callable[[type[LossTerm]], typ
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1000
 
 
-def _check_temperature(temperature: float) -> float:
+def check_temperature(temperature: float) -> float:
     number = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
     if not (number and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):  # also refuses NaN and inf
         raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} and <= {MAX_TEMPERATURE}, got {temperature!r}")
@@ -92,7 +92,7 @@ class CrossEntropy(LossTerm):
 class KD(LossTerm):
     def __init__(self, temperature: float = 4.0):
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
 
     def forward(self, inputs: DistillInputs) -> Tensor:
         return KF.kd_div(inputs.student_logits, self.teacher_logits(inputs), self.temperature)
@@ -102,7 +102,7 @@ class KD(LossTerm):
 class SoftCrossEntropy(LossTerm):
     def __init__(self, temperature: float = 4.0):
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
 
     def forward(self, inputs: DistillInputs) -> Tensor:
         return KF.soft_cross_entropy(inputs.student_logits, self.teacher_logits(inputs), self.temperature)
@@ -118,7 +118,7 @@ class LogitMSE(LossTerm):
 class TangInterpolation(LossTerm):
     def __init__(self, temperature: float = 4.0, alpha: float = 0.5):
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = float(alpha)
