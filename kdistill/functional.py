@@ -355,3 +355,173 @@ def js_divergence(
     log_ps, log_pt = F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
     log_m = torch.logsumexp(torch.stack([log_ps, log_pt]), dim=0) - math.log(2.0)
     return _reduce(temperature**2 * (_kl_from_logs(log_ps, log_m) + _kl_from_logs(log_pt, log_m)) / 2, reduction)
+
+
+# -- feature and relation methods -------------------------------------------------------------
+# Features are [N, ...]: maps [N, C, H, W] (any memory format) or vectors [N, D]. Where a method
+# compares maps of different spatial sizes, the larger is average-pooled to the smaller, as in
+# RepDistiller; channels may differ wherever the method allows it.
+
+def _pool_to_match(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    if a.shape[2:] == b.shape[2:]:
+        return a, b
+    size = tuple(min(x, y) for x, y in zip(a.shape[2:], b.shape[2:], strict=True))
+    return F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
+
+
+def _check_batch(a: Tensor, b: Tensor, method: str, least: int = 1) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{method}: student and teacher features must share the batch dimension, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] < least:
+        raise ValueError(f"{method} needs a batch of at least {least} samples, got {a.shape[0]}")
+
+
+def _maps(a: Tensor, b: Tensor, method: str) -> tuple[Tensor, Tensor]:
+    if a.ndim != 4 or b.ndim != 4:
+        raise ValueError(f"{method} compares feature maps [N, C, H, W], got {tuple(a.shape)} and {tuple(b.shape)}")
+    _check_batch(a, b, method)
+    return _pool_to_match(_upcast(a), _upcast(b))
+
+
+def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
+    """Spatial attention [N, H*W]: the channel mean of f^p (f follows a ReLU in practice), L2-normalised per sample."""
+    return F.normalize(feature.pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_transfer(student_feature: Tensor, teacher_feature: Tensor, p: float = 2.0) -> Tensor:
+    """Match where the two networks look: ``mean((A_s - A_t)^2)`` with A = normalize(mean_c f^p) per sample.
+
+    Channels may differ. Zagoruyko, Komodakis (2017), "Paying More Attention to Attention" (the
+    paper's weight, 1000 over the number of maps, is the term's weight in config).
+    """
+    s, t = _maps(student_feature, teacher_feature, "attention_transfer")
+    return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
+
+
+def similarity_preserving(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Match which samples of a batch the networks find alike::
+
+        || normalize_rows(F_s F_s^T) - normalize_rows(F_t F_t^T) ||_F^2 / N^2,   F = the flattened features
+
+    Any shapes with the same batch. Tung, Mori (2019), "Similarity-Preserving Knowledge Distillation".
+    """
+    _check_batch(student_feature, teacher_feature, "similarity_preserving")
+    s, t = _upcast(student_feature).flatten(1), _upcast(teacher_feature).flatten(1)
+    g_s, g_t = F.normalize(s @ s.T, dim=1), F.normalize(t @ t.T, dim=1)
+    return (g_t - g_s).pow(2).sum() / s.shape[0] ** 2
+
+
+def _pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
+    """Euclidean distances [N, N] from the Gram matrix (memory N^2, not N^2 D), 0 on the diagonal."""
+    e = e - e.mean(dim=0, keepdim=True)  # distances do not move; the Gram form loses fewer digits
+    square = e.pow(2).sum(dim=1)
+    d = (square[:, None] + square[None, :] - 2 * e @ e.T).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
+
+
+def rkd_distance(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
+    """Relational KD, distance: Huber loss between the two networks' pairwise distances, each divided by its
+    mean over distinct pairs (the teacher's taken as a constant).
+
+    Unweighted: the paper's 25 is the term's weight. Park, Kim, Lu, Cho (2019), "Relational Knowledge Distillation".
+    """
+    _check_batch(student_embedding, teacher_embedding, "rkd_distance", least=2)
+    d_s = _pairwise_distances(_upcast(student_embedding).flatten(1))
+    with torch.no_grad():
+        d_t = _pairwise_distances(_upcast(teacher_embedding).flatten(1))
+        d_t = d_t / d_t[d_t > 0].mean()
+    return F.smooth_l1_loss(d_s / d_s[d_s > 0].mean(), d_t)
+
+
+def _angles(e: Tensor, eps: float = 1e-12) -> Tensor:
+    """cos of the angle at e_i between e_j - e_i and e_k - e_i, [N, N, N] (0 where j or k is i), from the Gram
+    matrix: <e_j - e_i, e_k - e_i> = G_jk - G_ij - G_ik + G_ii."""
+    e = e - e.mean(dim=0, keepdim=True)
+    g = e @ e.T
+    diag = g.diagonal()
+    dots = g[None, :, :] - g[:, :, None] - g[:, None, :] + diag[:, None, None]
+    # |e_j - e_i| as [i, j], at least eps as F.normalize has it; clamped before the root, whose gradient at 0 is inf
+    norms = (diag[None, :] - 2 * g + diag[:, None]).clamp(min=eps**2).sqrt()
+    return dots / (norms[:, :, None] * norms[:, None, :])
+
+
+def rkd_angle(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
+    """Relational KD, angle: Huber loss between the angles every triplet of samples forms in each network
+    (the teacher's taken as a constant). Memory N^3, not N^2 D.
+
+    Unweighted: the paper's 50 is the term's weight. Park, Kim, Lu, Cho (2019), "Relational Knowledge Distillation".
+    """
+    _check_batch(student_embedding, teacher_embedding, "rkd_angle", least=2)
+    a_s = _angles(_upcast(student_embedding).flatten(1))
+    with torch.no_grad():
+        a_t = _angles(_upcast(teacher_embedding).flatten(1))
+    return F.smooth_l1_loss(a_s, a_t)
+
+
+def pkt(student_embedding: Tensor, teacher_embedding: Tensor, eps: float = 1e-7) -> Tensor:
+    """Probabilistic knowledge transfer: KL between the two networks' conditional distributions of
+    cosine similarity between samples, each row of ``(cos + 1) / 2`` normalised to sum to 1; the mean
+    over the N^2 entries of ``p_t log((p_t + eps) / (p_s + eps))``, as the authors' code.
+
+    Passalis, Tefas (2018), "Learning Deep Representations with Probabilistic Knowledge Transfer".
+    """
+    _check_batch(student_embedding, teacher_embedding, "pkt")
+
+    def conditional(e: Tensor) -> Tensor:
+        e = _upcast(e).flatten(1)
+        e = e / (e.norm(dim=1, keepdim=True) + eps)
+        similarity = (e @ e.T + 1) / 2
+        return similarity / similarity.sum(dim=1, keepdim=True)
+
+    p_s, p_t = conditional(student_embedding), conditional(teacher_embedding)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def correlation_congruence(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
+    """Correlation congruence as in the authors' code shared with RepDistiller: with delta = |e_s - e_t|
+    (embeddings of one width), ``mean_i sum_d delta[i, d] * delta[i + 1, d]`` over consecutive samples.
+
+    Peng, Jin, Liu, Li, Wu, Liu, Zhou, Zhang (2019), "Correlation Congruence for Knowledge Distillation".
+    """
+    _check_batch(student_embedding, teacher_embedding, "correlation_congruence", least=2)
+    s, t = _upcast(student_embedding).flatten(1), _upcast(teacher_embedding).flatten(1)
+    if s.shape != t.shape:
+        raise ValueError(f"correlation_congruence compares embeddings of one width, got {tuple(s.shape)} and "
+                         f"{tuple(t.shape)}: map them to one width first (an embedding connector)")
+    delta = (s - t).abs()
+    return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+
+
+def fsp_matrix(bottom: Tensor, top: Tensor) -> Tensor:
+    """The flow of solution procedure between two maps: ``G[c1, c2] = mean_hw bottom[c1] * top[c2]``, [N, C1, C2]
+    (the larger map average-pooled to the smaller's size)."""
+    bottom, top = _maps(bottom, top, "fsp")
+    return torch.einsum("nahw,nbhw->nab", bottom, top) / (bottom.shape[2] * bottom.shape[3])
+
+
+def fsp(student_bottom: Tensor, student_top: Tensor, teacher_bottom: Tensor, teacher_top: Tensor) -> Tensor:
+    """Mean squared difference of the FSP matrices of a student pair of maps and a teacher pair with the
+    same channel counts. Yim, Joo, Bae, Kim (2017), "A Gift from Knowledge Distillation"."""
+    g_s, g_t = fsp_matrix(student_bottom, student_top), fsp_matrix(teacher_bottom, teacher_top)
+    if g_s.shape != g_t.shape:
+        raise ValueError(f"fsp needs the student's and the teacher's pairs to have the same channels, got FSP "
+                         f"matrices {tuple(g_s.shape[1:])} and {tuple(g_t.shape[1:])}")
+    return (g_s - g_t).pow(2).mean()
+
+
+def nst(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Neuron selectivity transfer: squared MMD with the polynomial kernel k(a, b) = (a . b)^2 between the
+    channels of the two maps, each channel's spatial map L2-normalised (channels may differ)::
+
+        mean k(t, t) + mean k(s, s) - 2 mean k(s, t)
+
+    Huang, Wang (2017), "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer".
+    """
+    s, t = _maps(student_feature, teacher_feature, "nst")
+    s, t = F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2)
+
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        return (a @ b.transpose(1, 2)).pow(2).mean()
+
+    return kernel(t, t).detach() + kernel(s, s) - 2 * kernel(s, t)
