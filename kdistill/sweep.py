@@ -37,6 +37,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdistill.config import load_config
 from kdistill.errors import KdistillError
+
+# Imported now, not when first needed: a sweep runs for hours, and code edited meanwhile must not
+# reach this process half-way (its cells are new processes and get the new code whole).
+from kdistill.pipeline import Pipeline, changed_keys
 from kdistill.storage import atomic_write_text
 from kdistill.study import figure, mean_sd_text
 
@@ -247,8 +251,6 @@ class Sweep:
         run_dir = self.folder / cell.name
         if not (run_dir / "metrics.json").exists() or not (run_dir / "config.yaml").exists():
             return False
-        from kdistill.pipeline import changed_keys
-
         wanted = load_config(self.recipe, self.overrides(cell, None, None))
         try:
             return not changed_keys(OmegaConf.create((run_dir / "config.yaml").read_text()), wanted)
@@ -260,8 +262,6 @@ class Sweep:
         source, run_dir = self.folder / first.name / "baseline", self.folder / cell.name
         if cell is first or not (source / "model.safetensors").exists() or (run_dir / "baseline").exists():
             return
-        from kdistill.pipeline import Pipeline
-
         # The run folder is claimed (marker, config) by the pipeline first: kdistill writes only into its own.
         cfg = load_config(self.recipe, self.overrides(cell, None, None))
         with Pipeline(cfg, resume=True, progress="quiet"):
