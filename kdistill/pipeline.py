@@ -39,17 +39,18 @@ from torch import nn
 from kdistill import __version__
 from kdistill.config.describe import flatten
 from kdistill.data import Augment, BatchLoader, load_data
-from kdistill.distill import Distiller, TopKLogits, cached_teacher_logits
+from kdistill.distill import Distiller, FeatureTaps, TopKLogits, cached_teacher_logits
 from kdistill.distill.signals import check_cache_dir, choose_teacher_signal, default_cache_dir, weights_digest
+from kdistill.distill.taps import check_tap_paths
 from kdistill.errors import KdistillError
 from kdistill.evaluation import gap_recovered, latency_ms, machine_load, model_metrics
-from kdistill.losses import build_objective, cross_entropy_objective
+from kdistill.losses import DistillInputs, build_objective, cross_entropy_objective
 from kdistill.models import count_parameters, create_model, output_classes
 from kdistill.report import ROLES, comparison_table, write_report
 from kdistill.storage import atomic_write_text, exclusive_lock, remove_stale_temporaries
 from kdistill.train import Progress, distributed, evaluate, fit, load_model, save_model
 from kdistill.train.devices import check_precision, device_name
-from kdistill.train.loop import STATE_FILE
+from kdistill.train.loop import STATE_FILE, unpack
 
 MODEL_FILE = "model.safetensors"
 MARKER_FILE = ".kdistill-run.json"
@@ -99,12 +100,14 @@ class Pipeline:
         self._check_against_data()
         self._models: dict[str, nn.Module] = {}
         self.specs = {role: (cfg.teacher if role == "teacher" else cfg.student) for role in ROLES}
+        built = {}
         for role in ("teacher", "student"):  # a wrong name, argument or class count stops us before any work
-            model = self.build(role)
+            model = built[role] = self.build(role)
             if not (role == "teacher" and cfg.teacher.checkpoint):
                 _check_trainable(model, f"{role} '{self.specs[role].name}'", self.data.input_shape)
         self.objective = build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
                                          cfg.train.label_smoothing)
+        self._check_taps(built["student"], built["teacher"])
         if self.objective.needs_teacher:
             self.teacher_signal, self.signal_reason = choose_teacher_signal(
                 cfg.distill.teacher_signal, augmentation(cfg.train), bool(self.objective.teacher_taps))
@@ -158,6 +161,39 @@ class Pipeline:
                     raise KdistillError(f"{key}: a batch of {size} {channels}x{height}x{width} images takes "
                                         f"{size * image_bytes / 2**30:.1f} GiB; use at most "
                                         f"{MAX_BATCH_BYTES // image_bytes}")
+
+    def _check_taps(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Tapped paths exist, and every feature term runs on the untrained models' features for two
+        validation images: a wrong path or shape is one line now, not after the teacher's training."""
+        objective = self.objective
+        if not (objective.student_taps or objective.teacher_taps):
+            return
+        check_tap_paths(student, objective.student_taps, f"(the student, {self.specs['student'].name}) for "
+                                                         "distill.losses")
+        check_tap_paths(teacher, objective.teacher_taps, f"(the teacher, {self.specs['teacher'].name}) for "
+                                                         "distill.losses")
+        inputs = unpack(next(iter(self.loader("val"))))[0][:2].cpu()
+        features = {}
+        for role, model, paths in (("student", student, objective.student_taps),
+                                   ("teacher", teacher, objective.teacher_taps)):
+            taps = FeatureTaps(model, paths)
+            try:
+                with torch.no_grad():
+                    logits = model.cpu().eval()(inputs)
+                features[role] = (logits, taps.pop())
+            finally:
+                taps.remove()
+        trial = copy.deepcopy(objective)
+        labels = torch.zeros(len(inputs), dtype=torch.long)
+        for label, term in trial.terms.items():
+            try:
+                term.prepare(features["student"][1], features["teacher"][1])
+                term(DistillInputs(features["student"][0], labels, features["teacher"][0], features["student"][1],
+                                   features["teacher"][1]))
+            except (ValueError, RuntimeError) as error:
+                raise KdistillError(f"distill.losses.{label}: {error} (on the features of "
+                                    f"{', '.join(term.student_taps + term.teacher_taps)}; `kdistill inspect` shows "
+                                    "their shapes)") from None
 
     def _check_paths(self) -> None:
         checkpoint = self.cfg.teacher.checkpoint

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from kdistill.distill.signals import CachedTeacher, LiveTeacher, freeze, tensor_digest, weights_digest
 from kdistill.distill.taps import FeatureTaps
 from kdistill.errors import KdistillError
-from kdistill.losses import DEFAULT_LOSSES, DistillInputs, Objective, build_objective
+from kdistill.losses import DEFAULT_LOSSES, DistillInputs, LossTerm, Objective, build_objective
 from kdistill.models.registry import describe_error
 from kdistill.train.devices import device_of, resolve_device
 from kdistill.train.loop import class_of, unpack
@@ -175,6 +175,33 @@ class Distiller(nn.Module):
                 outputs = self.signal(inputs).logits
             parts["teacher"] = weights_digest(self.teacher) + tensor_digest(outputs.float().cpu())
         return parts
+
+    @torch.no_grad()
+    def prepare(self, loader) -> None:
+        """Let each loss term create what depends on the tapped features' shapes (connectors, embeddings),
+        from the models' features on the loader's first 8 inputs; before the optimizer is built or a
+        state restored. Nothing trains: both models run in eval mode and are left as they were."""
+        terms = [term for term in self.objective.terms.values() if type(term).prepare is not LossTerm.prepare]
+        if not terms:
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            inputs, _, index = unpack(next(iter(loader)))
+        inputs = inputs[:8].to(self.device)
+        state = _module_state(self.student)
+        try:
+            self.student.eval()
+            _run_model(f"student ({type(self.student).__name__})", self.student, inputs)
+            student_features = self.student_taps.pop() if self.student_taps else {}
+        finally:
+            _restore_module_state(self.student, state)
+        teacher_features = {}
+        if isinstance(self.signal, LiveTeacher):
+            with self._teacher_lent():
+                teacher_features = self.signal(inputs).features
+        for term in terms:
+            term.prepare(student_features, teacher_features)
+        self.objective.to(self.device)
 
     def warn_if_teacher_untrained(self, loader) -> None:
         """Warn when the teacher is no better than chance on the first batches: distilling from it teaches noise."""

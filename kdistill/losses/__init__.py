@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdistill.errors import KdistillError
+from kdistill.losses.features import Connector
 from kdistill.losses.response import DIST, DKD, JensenShannon, LogitStandardizedKD, ReverseKD
 from kdistill.losses.terms import (
     KD,
@@ -27,7 +28,7 @@ from kdistill.losses.terms import (
 )
 
 __all__ = [
-    "DIST", "DKD", "JensenShannon", "LogitStandardizedKD", "ReverseKD",
+    "Connector", "DIST", "DKD", "JensenShannon", "LogitStandardizedKD", "ReverseKD",
     "LOSSES", "KD", "CrossEntropy", "DistillInputs", "LogitMSE", "LossTerm", "Objective",
     "SoftCrossEntropy", "TangInterpolation", "DEFAULT_LOSSES", "build_objective",
     "cross_entropy_objective", "register_loss",

@@ -36,6 +36,9 @@ class LossTerm(nn.Module):
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 
+    def prepare(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
+        """Create what depends on the tapped features' shapes (called once on one batch, before training)."""
+
     def teacher_logits(self, inputs: DistillInputs) -> Tensor:
         if inputs.teacher_logits is None:
             raise RuntimeError(f"{type(self).__name__} needs teacher logits but none were given")
