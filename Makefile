@@ -61,5 +61,5 @@ study: setup data
 	    'distill.losses={kd: {weight: 1}},{kd: {weight: 0.9}, ce: {weight: 0.1}},{logit_mse: {weight: 1}},{tang: {weight: 1}}'
 	$(KD) sweep study_fashion_mnist distill.temperature=1,2,4,5,8,10,20 $(STUDY) --name study_temperature
 	$(KD) sweep study_fashion_mnist train.augment.crop_padding=2 train.augment.hflip=true \
-	    distill.teacher_signal=cached_views,live $(STUDY) --name study_augmentation
+	    distill.teacher_signal=cached_views $(STUDY) --name study_augmentation
 	$(KD) report runs/study_objectives runs/study_temperature runs/study_augmentation --out runs/study_report
