@@ -10,6 +10,7 @@ drawn, and the validation curves.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import statistics
@@ -121,10 +122,24 @@ def group(runs: list[Run]) -> tuple[list[Setting], list[str]]:
     varying = [k for k in keys if len({dict(s.key).get(k) for s in found}) > 1]
     # The shared teacher's path says the same as the teacher keys beside it: name it only if nothing else does.
     shown = [k for k in varying if k != "teacher.checkpoint"] or varying
+    # A label says what sets a setting apart: with one varying key, its value; with several, the keys
+    # whose value differs from the most common one (a study over many axes would otherwise repeat them all).
+    usual = {k: collections.Counter(dict(s.key).get(k) for s in found).most_common(1)[0][0] if len(shown) > 1
+             else object() for k in shown}
     for setting in found:
         values = dict(setting.key)
-        setting.label = ", ".join(f"{k}={_plain(values.get(k))}" for k in shown) or "runs"
+        setting.label = ", ".join(f"{_short(k)}={_plain(values.get(k))}" for k in shown
+                                  if values.get(k) != usual[k]) or "the recipe as it is"
     return found, shown
+
+
+def _short(key: str) -> str:
+    """A config key as a label: `distill.losses.kd.weight` -> `kd.weight`, `train.augment.hflip` -> `augment.hflip`."""
+    for prefix, replacement in (("distill.losses.", ""), ("distill.", ""), ("train.augment.", "augment."),
+                                ("teacher.kwargs.", "teacher.")):
+        if key.startswith(prefix):
+            return replacement + key[len(prefix):]
+    return key
 
 
 def write_study(paths: list[str | Path], out: Path) -> Path:
@@ -201,8 +216,12 @@ def _plot_against(settings: list[Setting], axes: list[str], key: str, out: Path)
     series: dict[str, list[Setting]] = {}
     for s in settings:
         values = dict(s.key)
-        series.setdefault(", ".join(f"{k}={_plain(values.get(k))}" for k in others) or "distilled student",
-                          []).append(s)
+        series.setdefault(", ".join(f"{_short(k)}={_plain(values[k])}" for k in others if k in values)
+                          or "distilled student", []).append(s)
+    if any(len(members) > 1 for members in series.values()):  # lines only: lone points belong to other axes
+        series = {name: members for name, members in series.items() if len(members) > 1}
+    if len(series) == 1:  # nothing to tell apart
+        series = {"distilled student": next(iter(series.values()))}
     for name, members in series.items():
         members.sort(key=lambda s: json.loads(dict(s.key)[key]))
         xs = [json.loads(dict(s.key)[key]) for s in members]
@@ -222,7 +241,7 @@ def _plot_against(settings: list[Setting], axes: list[str], key: str, out: Path)
     title = AXIS_TITLES.get(key, key)
     ax.set(title=f"distilled student's test accuracy against {title}", xlabel=title, ylabel="test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return f"Accuracy against {title}", _save(fig, out, f"accuracy_vs_{key.replace('.', '_')}.png")
 
 
@@ -250,11 +269,16 @@ def _plot_size_and_latency(settings: list[Setting], out: Path) -> tuple[str, str
     colours = {"teacher": "tab:red", "baseline": "tab:grey", "student": "tab:blue"}
     for ax, index, xlabel in ((panels[0], 2, "parameters"), (panels[1], 3, "latency, batch 1, CPU (ms)")):
         drawn = [p for p in points if p[index] is not None]
-        for label, role, *values in drawn:
+        frontier = _frontier([(p[index], p[4]) for p in drawn])
+        students = [p for p in drawn if p[1] == "student"]
+        best = max(students, key=lambda p: p[4]) if students else None
+        for point in drawn:
+            label, role, *values = point
             x, y, err = values[index - 2], values[2], values[3]
             ax.errorbar([x], [y], yerr=[err], marker="o", capsize=3, color=colours[role], linestyle="none")
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        frontier = _frontier([(p[index], p[4]) for p in drawn])
+            # Teachers, baselines, the best student and the frontier are named; other students are dots.
+            if role != "student" or point is best or (x, y) in frontier:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if len(frontier) > 1:
             ax.step(*zip(*frontier, strict=True), where="post", color="black", alpha=0.4, label="frontier")
             ax.legend(fontsize=8)

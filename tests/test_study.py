@@ -48,18 +48,18 @@ def test_runs_equal_but_for_the_seed_are_one_setting(sweep_folder):
     settings, axes = group(find_runs([sweep_folder]))
     assert axes == ["distill.temperature"]
     by_label = {s.label: s for s in settings}
-    assert sorted(by_label) == ["distill.temperature=1.0", "distill.temperature=4.0", "distill.temperature=8.0"]
-    t4 = by_label["distill.temperature=4.0"]
+    assert sorted(by_label) == ["temperature=1.0", "temperature=4.0", "temperature=8.0"]
+    t4 = by_label["temperature=4.0"]
     assert len(t4.runs) == 2 and t4.mean("student.test_accuracy") == pytest.approx(0.88)
     assert t4.sd("student.test_accuracy") == pytest.approx(0.02 * 2 ** 0.5)
-    assert by_label["distill.temperature=8.0"].sd("student.test_accuracy") is None  # one seed: no spread
+    assert by_label["temperature=8.0"].sd("student.test_accuracy") is None  # one seed: no spread
 
 
 def test_the_report_has_a_table_and_readable_plots(sweep_folder, tmp_path):
     path = write_study([sweep_folder], tmp_path / "report")
     text = path.read_text()
-    assert "5 runs in 3 settings" in text and "Best by validation accuracy: **distill.temperature=4.0**" in text
-    assert "| distill.temperature=4.0 | 2 | 95.00 ± 0.00 % | 80.00 ± 0.00 % | 89.00 ± 2.83 % | 88.00 ± 2.83 % |" \
+    assert "5 runs in 3 settings" in text and "Best by validation accuracy: **temperature=4.0**" in text
+    assert "| temperature=4.0 | 2 | 95.00 ± 0.00 % | 80.00 ± 0.00 % | 89.00 ± 2.83 % | 88.00 ± 2.83 % |" \
         in text
     for name in ("accuracy_vs_distill_temperature.png", "accuracy_vs_size_and_latency.png", "curves.png"):
         assert f"]({name})" in text
