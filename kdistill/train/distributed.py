@@ -63,8 +63,17 @@ def start(device_spec: str = "auto", key: str = "device") -> torch.device:
 
 
 def stop() -> None:
-    if active():
-        dist.destroy_process_group()
+    """Leave the process group, after the others have reached this point too: a process that tears the
+    group down while another still uses it can be aborted (SIGABRT; seen with gloo on CPUs). A process
+    that failed may find the others gone or busy: then it waits at most 30 s and leaves anyway."""
+    if not active():
+        return
+    if dist.get_backend() == "gloo":  # (NCCL's barrier has no timeout of its own: not risked there)
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+        except Exception:  # noqa: BLE001  the others are gone or stuck: nothing left to wait for
+            pass
+    dist.destroy_process_group()
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:
