@@ -124,12 +124,12 @@ def group(runs: list[Run]) -> tuple[list[Setting], list[str]]:
     shown = [k for k in varying if k != "teacher.checkpoint"] or varying
     # A label says what sets a setting apart: with one varying key, its value; with several, the keys
     # whose value differs from the most common one (a study over many axes would otherwise repeat them all).
-    usual = {k: collections.Counter(dict(s.key).get(k) for s in found).most_common(1)[0][0] if len(shown) > 1
-             else object() for k in shown}
+    usual = {k: collections.Counter(dict(s.key).get(k) for s in found).most_common(1)[0][0]
+             for k in shown} if len(shown) > 1 else {}
     for setting in found:
         values = dict(setting.key)
         setting.label = ", ".join(f"{_short(k)}={_plain(values.get(k))}" for k in shown
-                                  if values.get(k) != usual[k]) or "the recipe as it is"
+                                  if k not in usual or values.get(k) != usual[k]) or "the recipe as it is"
     return found, shown
 
 

@@ -186,8 +186,7 @@ class Distiller(nn.Module):
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            inputs, _, index = unpack(next(iter(loader)))
-        inputs = inputs[:8].to(self.device)
+            inputs = unpack(next(iter(loader)))[0][:8].to(self.device)
         state = _module_state(self.student)
         try:
             self.student.eval()
