@@ -13,6 +13,7 @@ The teacher is seed 000's TeacherModel (`--teacher`/`--student` to change); its 
 change the cost, so it is used untrained unless `--teacher-checkpoint` is given.
 
     make bench-overhead      # or: python benchmarks/overhead.py --rounds 5
+    python -m benchmarks.overhead --device cuda --precision bf16   # on a GPU
     python -m benchmarks.overhead --augment --teacher resnet --teacher-kwargs '{"width": 64, "blocks": [2, 2, 2]}'
 """
 
@@ -40,19 +41,25 @@ def main() -> None:
     parser.add_argument("--teacher-kwargs", default="{}", help='JSON, e.g. \'{"width": 32}\'')
     parser.add_argument("--teacher-checkpoint", default=None)
     parser.add_argument("--student", default="seed_student")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...: model, data and soft labels all live there")
     parser.add_argument("--augment", action="store_true", help="also time augmented training (crop and flip)")
     parser.add_argument("--views", type=int, default=8, help="views per sample of the cached-views table")
     args = parser.parse_args()
 
+    device = torch.device(args.device)
     data = load_data("fashion_mnist")
     shape, classes = data.input_shape, data.num_classes
     teacher = create_model(args.teacher, shape, classes, **json.loads(args.teacher_kwargs))
     if args.teacher_checkpoint:
         load_model(args.teacher_checkpoint, teacher, what="teacher")
-    loader = BatchLoader(data.train, 128, mean=data.mean, std=data.std, shuffle=True)
-    table = teacher_logits(teacher, BatchLoader(data.train, 1000, mean=data.mean, std=data.std),
-                           len(data.train), args.precision)
+    teacher.to(device)
+
+    def batches(size: int, **kwargs) -> BatchLoader:
+        return BatchLoader(data.train, size, mean=data.mean, std=data.std, device=device, **kwargs)
+
+    loader = batches(128, shuffle=True)
+    table = teacher_logits(teacher, batches(1000), len(data.train), args.precision)
     cfg = train_config(epochs=1, batch_size=128, optimizer="adam", lr=0.01, precision=args.precision)
     quiet = Progress("quiet")
     kd = {"ce": {"weight": 0.5}, "kd": {"weight": 0.5}}
@@ -62,29 +69,30 @@ def main() -> None:
         student = create_model(args.student, shape, classes)
         return fit(make_distiller(student), on, cfg, progress=quiet).train_seconds
 
+    def distiller(teacher, student, objective, **kwargs) -> Distiller:
+        return Distiller(teacher, student, objective, device=device, **kwargs)
+
     variants = {
-        "baseline": lambda: epoch(lambda s: Distiller(None, s, cross_entropy_objective())),
-        "kd/cached": lambda: epoch(lambda s: Distiller(None, s, build_objective(kd, 4.0), soft_labels=table)),
-        "kd/live": lambda: epoch(lambda s: Distiller(teacher, s, build_objective(kd, 4.0))),
+        "baseline": lambda: epoch(lambda s: distiller(None, s, cross_entropy_objective())),
+        "kd/cached": lambda: epoch(lambda s: distiller(None, s, build_objective(kd, 4.0), soft_labels=table)),
+        "kd/live": lambda: epoch(lambda s: distiller(teacher, s, build_objective(kd, 4.0))),
     }
     if args.augment:
         augment = Augment(crop_padding=2, hflip=True)
-        fresh = BatchLoader(data.train, 128, mean=data.mean, std=data.std, shuffle=True, augment=augment)
-        viewed = BatchLoader(data.train, 128, mean=data.mean, std=data.std, shuffle=True, augment=augment,
-                             views=args.views)
+        fresh = batches(128, shuffle=True, augment=augment)
+        viewed = batches(128, shuffle=True, augment=augment, views=args.views)
         started = time.perf_counter()
-        views = teacher_logits(teacher, BatchLoader(data.train, 1000, mean=data.mean, std=data.std, augment=augment,
-                                                    views=args.views), args.views * len(data.train),
-                               args.precision).half()
+        views = teacher_logits(teacher, batches(1000, augment=augment, views=args.views),
+                               args.views * len(data.train), args.precision).half()
         print(f"cached-views table: {args.views} views x {len(data.train)} samples in "
               f"{time.perf_counter() - started:.1f} s")
         variants.update({
-            "aug/baseline": lambda: epoch(lambda s: Distiller(None, s, cross_entropy_objective()), fresh),
-            "aug/kd-live": lambda: epoch(lambda s: Distiller(teacher, s, build_objective(kd, 4.0)), fresh),
+            "aug/baseline": lambda: epoch(lambda s: distiller(None, s, cross_entropy_objective()), fresh),
+            "aug/kd-live": lambda: epoch(lambda s: distiller(teacher, s, build_objective(kd, 4.0)), fresh),
             "aug/kd-cached-views": lambda: epoch(
-                lambda s: Distiller(None, s, build_objective(kd, 4.0), soft_labels=views), viewed),
+                lambda s: distiller(None, s, build_objective(kd, 4.0), soft_labels=views), viewed),
         })
-    print(check_environment())
+    print(check_environment(), f"device {device}")
     interleaved(variants, 1)  # warm-up
     times = interleaved(variants, args.rounds)
     print(f"{'variant':<20} {'s/epoch (median)':>17} {'/ its baseline':>15}")

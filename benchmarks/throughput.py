@@ -15,6 +15,7 @@ also each augmentation's cost: the extra seconds of an augmented epoch over a pl
     make bench-throughput      # or: python -m benchmarks.throughput --rounds 5
     python -m benchmarks.throughput --device cuda   # on a GPU: the plain loop copies pinned batches,
                                                     # kdistill keeps the data on the device
+    python -m benchmarks.throughput --model resnet --model-kwargs '{"width": 32, "depth": 2}'  # the teacher
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--samples", type=int, default=20_000, help="training samples per measured epoch")
+    parser.add_argument("--model", default="seed_student",
+                        help="the model of every variant but plain/seed-model (run only for seed_student), e.g. resnet")
+    parser.add_argument("--model-kwargs", default="{}", help='JSON, e.g. \'{"width": 32, "depth": 2}\'')
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (the plain loop copies pinned batches)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the train.compile variants")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
@@ -106,9 +110,12 @@ def main() -> None:
     batch_loader = BatchLoader(subset, args.batch_size, mean=data.mean, std=data.std, shuffle=True, device=device)
     quiet = Progress("quiet")
 
+    def make_model() -> nn.Module:
+        return create_model(args.model, data.input_shape, data.num_classes, **json.loads(args.model_kwargs))
+
     def kdistill_epoch(precision: str, compile: bool = False, loader=batch_loader):
         """The second epoch of a two-epoch fit: steady state (the first one compiles, with compile)."""
-        model = create_model("seed_student", data.input_shape, data.num_classes)
+        model = make_model()
         cfg = train_config(epochs=2, batch_size=args.batch_size, optimizer="adam", lr=0.01, precision=precision,
                            compile=compile)
         distiller = Distiller(None, model, cross_entropy_objective(), device=device)
@@ -122,11 +129,8 @@ def main() -> None:
         synchronize(device)
         return time.perf_counter() - started
 
-    variants = {
-        "plain/seed-model": lambda: timed_plain(SeedStudent),
-        "plain/kdistill-model": lambda: timed_plain(
-            lambda: create_model("seed_student", data.input_shape, data.num_classes)),
-    }
+    variants = {"plain/seed-model": lambda: timed_plain(SeedStudent)} if args.model == "seed_student" else {}
+    variants["plain/kdistill-model"] = lambda: timed_plain(make_model)
     for precision in args.precisions:
         name = "kdistill" if precision == "fp32" else f"kdistill/{precision}"
         variants[name] = lambda p=precision: kdistill_epoch(p)
@@ -146,8 +150,8 @@ def main() -> None:
     print("warm-up round (s):", {name: round(t[0], 1) for name, t in warmup.items()})
     times = interleaved(variants, args.rounds)
     rate = {name: args.samples / median(t) for name, t in times.items()}
-    reference = rate["plain/seed-model"]
-    print(f"{'variant':<22} {'samples/s':>10} {'x seed loop':>12}")
+    reference = rate.get("plain/seed-model", rate["plain/kdistill-model"])
+    print(f"{'variant':<22} {'samples/s':>10} {'x plain loop':>12}")
     for name, value in rate.items():
         print(f"{name:<22} {value:>10.0f} {value / reference:>12.2f}")
     if augments:
@@ -166,7 +170,7 @@ def main() -> None:
             print(f"{name}: {1000 * extra:.2f} ms of augmentation per batch = {100 * extra / step:.1f} % of a "
                   f"{1000 * step:.1f} ms training step (epochs: {100 * (rate['kdistill'] / rate[name] - 1):+.1f} %)")
     print(json.dumps({"samples_per_second": rate, "rounds": args.rounds, "samples": args.samples,
-                      "device": str(device)}))
+                      "device": str(device), "model": args.model}))
 
 
 if __name__ == "__main__":
