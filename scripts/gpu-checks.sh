@@ -6,12 +6,14 @@
 #   3. the GPU rows of BENCHMARKS.md: loop throughput (seed student, residual teacher) and the
 #      cached-KD epoch over the baseline's;
 #   4. the seed recipe end to end on the GPU, in bf16.
-# Usage: bash scripts/gpu-checks.sh [OUT_DIR]     (logs land in OUT_DIR, default runs/gpu-checks)
+# Usage: bash scripts/gpu-checks.sh [OUT_DIR]   logs land in OUT_DIR (default runs/gpu-checks), run folders
+#        in $RUN_DIR (default OUT_DIR/runs)
 # Each step has its own time limit, so one that hangs does not hide the others' results.
 set -u
 out=${1:-runs/gpu-checks}
 py=${PY:-python3}
-mkdir -p "$out"
+runs=${RUN_DIR:-$out/runs}
+mkdir -p "$out" "$runs"
 export PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.log, report the status
     local name=$1 limit=$2
@@ -27,17 +29,17 @@ gpus=$("$py" -c "import torch; print(torch.cuda.device_count())")
 
 workers=()
 "$py" -c "import xdist" 2>/dev/null && workers=(-n 6)
-step tests 240 "$py" -m pytest -q -p no:cacheprovider "${workers[@]}"
+step tests 200 "$py" -m pytest -q -p no:cacheprovider "${workers[@]}"
 if [ "$gpus" -ge 2 ]; then
     step torchrun-nccl 120 "$py" -m torch.distributed.run --standalone --nproc_per_node=2 -m kdistill run \
-        digits_quick device=cuda "out_dir=$out/nccl_run"
+        digits_quick device=cuda "out_dir=$runs/nccl"
 else
     echo "== torchrun-nccl: skipped, NCCL needs two GPUs and this machine has $gpus"
 fi
-step throughput-student 150 "$py" -m benchmarks.throughput --device cuda --rounds 3
-step throughput-teacher 120 "$py" -m benchmarks.throughput --device cuda --rounds 3 --no-compile \
+step throughput-student 120 "$py" -m benchmarks.throughput --device cuda --rounds 3
+step throughput-teacher 90 "$py" -m benchmarks.throughput --device cuda --rounds 3 --no-compile \
     --model resnet --model-kwargs '{"width": 32, "depth": 2}'
-step overhead 90 "$py" -m benchmarks.overhead --device cuda --rounds 3
-step seed-recipe 150 "$py" -m kdistill run seed_fashion_mnist device=cuda train.precision=bf16 \
-    teacher.train.precision=bf16 "out_dir=$out/seed_run"
-cp "$out"/seed_run/*/metrics.json "$out/seed_metrics.json" 2>/dev/null || true
+step overhead 70 "$py" -m benchmarks.overhead --device cuda --rounds 3
+step seed-recipe 120 "$py" -m kdistill run seed_fashion_mnist device=cuda train.precision=bf16 \
+    teacher.train.precision=bf16 "out_dir=$runs/seed"
+cp "$runs"/seed/*/metrics.json "$out/seed_metrics.json" 2>/dev/null || true
