@@ -192,7 +192,7 @@ def _inspect(args) -> None:
 
     cfg = load_config(args.target, args.overrides)
     with Pipeline(cfg, progress="quiet", claim=False) as pipeline:
-        inputs = unpack(next(iter(pipeline.loader("val"))))[0][:2]
+        inputs = unpack(next(iter(pipeline.loader("val"))))[0][:2].cpu()  # models are built on the CPU
         roles = ("teacher", "student") if args.role == "both" else (args.role,)
         for i, role in enumerate(roles):
             model = pipeline.build(role)

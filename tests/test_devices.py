@@ -182,14 +182,18 @@ def test_a_training_interrupted_mid_epoch_resumes_at_the_next_batch(tmp_path, so
 # -- several processes ---------------------------------------------------------------------
 
 def _kdistill(*argv: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824",
-           **(env or {})}
+    env = dict(env or {})
+    if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):  # keep the caller's (kdistill run from a checkout)
+        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824", **env}
     return subprocess.run([sys.executable, "-m", "kdistill", *argv], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
+# Several processes on the CPU (gloo), also where there is a GPU: NCCL needs one GPU per process.
+CPU = "device=cpu"
 # Two epochs each; the last batch of every epoch (1197 training images, batch 64) splits unevenly.
-DDP_ARGS = ["run", DIGITS, "threads=1", "teacher.train.epochs=2", "train.epochs=2", "eval.latency_repeats=1",
+DDP_ARGS = ["run", DIGITS, CPU, "threads=1", "teacher.train.epochs=2", "train.epochs=2", "eval.latency_repeats=1",
             "eval.latency_batches=[1]", "--quiet"]
 # Float sums in another order (two processes' gradients averaged) move the last bits; Adam
 # carries them along. Measured here: at most 2.3e-7 (weights of magnitude up to 0.36) after 2 + 2 + 2 epochs.
@@ -232,7 +236,7 @@ def test_processes_started_with_different_configs_are_refused(tmp_path):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "KDISTILL_CACHE_DIR": str(tmp_path / "cache")}
         procs.append(subprocess.Popen([sys.executable, "-m", "kdistill", "run", DIGITS, f"out_dir={tmp_path}", *FAST,
-                                       f"train.lr={0.001 * (rank + 1)}", "--quiet"], env=env,
+                                       CPU, f"train.lr={0.001 * (rank + 1)}", "--quiet"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for proc in procs:
         _, err = proc.communicate(timeout=120)
@@ -253,7 +257,7 @@ def test_a_resume_with_another_process_count_is_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "_save_state", save_then_die)
     monkeypatch.setenv("KDISTILL_CACHE_DIR", str(tmp_path / "cache"))
-    args = ["train", DIGITS, f"out_dir={tmp_path}", "threads=1", "teacher.train.epochs=2", "--quiet"]
+    args = ["train", DIGITS, f"out_dir={tmp_path}", CPU, "threads=1", "teacher.train.epochs=2", "--quiet"]
     assert main(args) == 130
     two = _kdistill(*args, "--resume", "--nproc", "2")
     assert two.returncode == 2, two.stderr
@@ -316,7 +320,7 @@ def test_a_loss_term_of_weight_zero_trains(tmp_path, soft_label_cache):
 
 
 def test_a_global_batch_smaller_than_the_process_count_is_refused(tmp_path):
-    done = _kdistill("train", DIGITS, f"out_dir={tmp_path}", *FAST, "teacher.train.batch_size=1", "--nproc", "2",
+    done = _kdistill("train", DIGITS, f"out_dir={tmp_path}", *FAST, CPU, "teacher.train.batch_size=1", "--nproc", "2",
                      "--quiet", env={"KDISTILL_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == ("kdistill: error: teacher.train.batch_size=1 is the global batch, split across 2 "
@@ -329,7 +333,7 @@ def test_a_killed_worker_is_named(tmp_path):
         "import os, signal, threading\n"
         "if os.environ.get('RANK') == '1':\n"
         "    threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()\n")
-    done = _kdistill("train", DIGITS, f"out_dir={tmp_path / 'runs'}", "threads=1", "teacher.train.epochs=500",
+    done = _kdistill("train", DIGITS, f"out_dir={tmp_path / 'runs'}", CPU, "threads=1", "teacher.train.epochs=500",
                      "--nproc", "2", "--quiet",
                      env={"PYTHONPATH": str(tmp_path), "KDISTILL_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode == 1, done.stderr
@@ -338,7 +342,7 @@ def test_a_killed_worker_is_named(tmp_path):
 
 def test_two_processes_resume_mid_epoch_with_the_metrics_of_an_uninterrupted_run(tmp_path):
     cache = {"KDISTILL_CACHE_DIR": str(tmp_path / "cache")}
-    args = ["train", DIGITS, "threads=1", "teacher.train.epochs=2", "teacher.kwargs.dropout=0.2",
+    args = ["train", DIGITS, CPU, "threads=1", "teacher.train.epochs=2", "teacher.kwargs.dropout=0.2",
             "teacher.train.checkpoint_every_steps=5", "--nproc", "2", "--quiet"]
     assert _kdistill(*args, f"out_dir={tmp_path / 'whole'}", env=cache).returncode == 0
     (tmp_path / "hook").mkdir()
@@ -426,7 +430,7 @@ def test_batchnorm_statistics_agree_across_processes(tmp_path):
     so the processes validate, select and distil from one and the same teacher (one soft-label entry)."""
     (tmp_path / "bn_teacher.py").write_text(BN_TEACHER)
     cache = tmp_path / "cache"
-    done = _kdistill("run", DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST, "teacher.name=bn_teacher:BNTeacher",
+    done = _kdistill("run", DIGITS, f"out_dir={tmp_path / 'runs'}", *FAST, CPU, "teacher.name=bn_teacher:BNTeacher",
                      "eval.latency_batches=[1]", "--nproc", "2", "--quiet",
                      env={"PYTHONPATH": str(tmp_path), "KDISTILL_CACHE_DIR": str(cache)})
     assert done.returncode == 0, done.stderr

@@ -101,7 +101,7 @@ def test_resume_continues_an_interrupted_training(tmp_path, soft_label_cache):
     loader.set_epoch = crash_at_epoch_3
     teacher_dir = pipeline.role_dir("teacher")
     with pytest.raises(KeyboardInterrupt):
-        distiller = Distiller(None, pipeline.build("teacher"), cross_entropy_objective())
+        distiller = Distiller(None, pipeline.build("teacher"), cross_entropy_objective(), device=pipeline.device)
         fit(distiller, loader, cfg.teacher.train, val_loader=pipeline.loader("val"), out_dir=teacher_dir, seed=cfg.seed,
             inputs=distiller.fingerprint(loader))  # as the pipeline does
     assert (teacher_dir / "train_state.safetensors").exists()
