@@ -525,3 +525,95 @@ def nst(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
         return (a @ b.transpose(1, 2)).pow(2).mean()
 
     return kernel(t, t).detach() + kernel(s, s) - 2 * kernel(s, t)
+
+
+def vid(predicted_mean: Tensor, teacher_feature: Tensor, log_scale: Tensor, eps: float = 1e-5) -> Tensor:
+    """Variational information distillation: the negative log-likelihood (up to a constant) of the teacher's
+    feature under a Gaussian with the student's regressed mean and a learned variance per channel::
+
+        mean( (mu - t)^2 / (2 var) + log(var) / 2 ),   var = softplus(log_scale) + eps
+
+    `predicted_mean` and `teacher_feature` share one shape [N, C, ...]; `log_scale` is [C]. Ahn, Hu,
+    Damianou, Lawrence, Dai (2019), "Variational Information Distillation for Knowledge Transfer".
+    """
+    if predicted_mean.shape != teacher_feature.shape:
+        raise ValueError(f"vid needs the regressed mean and the teacher feature in one shape, got "
+                         f"{tuple(predicted_mean.shape)} and {tuple(teacher_feature.shape)}")
+    if log_scale.shape != predicted_mean.shape[1:2]:
+        raise ValueError(f"vid needs one log_scale per channel ({predicted_mean.shape[1]}), got "
+                         f"{tuple(log_scale.shape)}")
+    mean, target = _upcast(predicted_mean), _upcast(teacher_feature)
+    variance = (F.softplus(_upcast(log_scale)) + eps).view(1, -1, *([1] * (mean.ndim - 2)))
+    return 0.5 * ((mean - target).pow(2) / variance + variance.log()).mean()
+
+
+def crd_nce(log_scores: Tensor, num_data: int) -> Tensor:
+    """CRD's noise-contrastive loss (Tian et al. 2020, eq. 18) on [N, 1 + K] log-scores: column 0 the
+    positive pair, the K others negatives, each score exp(s . t / T) / Z with noise density 1 / num_data::
+
+        -(1/N) sum_i [ log(P_i0 / (P_i0 + K / num_data)) + sum_k log((K / num_data) / (P_ik + K / num_data)) ]
+
+    In log-space (softplus), so large scores do not overflow.
+    """
+    if log_scores.ndim != 2 or log_scores.shape[1] < 2:
+        raise ValueError(f"crd_nce needs [N, 1 + K] scores with K >= 1, got {tuple(log_scores.shape)}")
+    if num_data < 1:
+        raise ValueError(f"crd_nce needs num_data >= 1, got {num_data}")
+    scores = _upcast(log_scores)
+    log_noise = math.log((scores.shape[1] - 1) / num_data)
+    positive = F.softplus(log_noise - scores[:, 0])  # -log(P / (P + m Pn))
+    negative = F.softplus(scores[:, 1:] - log_noise)  # -log(m Pn / (P + m Pn))
+    return (positive.sum() + negative.sum()) / scores.shape[0]
+
+
+def crd(student_embedding: Tensor, teacher_embedding: Tensor, student_memory: Tensor, teacher_memory: Tensor,
+        temperature: float, log_z_student: Tensor | float, log_z_teacher: Tensor | float, num_data: int) -> Tensor:
+    """Contrastive representation distillation, both directions: the student's embedding [N, D] against
+    the teacher memory's rows [N, 1 + K, D] (its own sample first, then K negatives) and the teacher's
+    embedding against the student memory's rows, each scored exp(e . m / T) / Z and put through `crd_nce`.
+    Embeddings and memory rows are unit vectors; Z is the normalising constant (CRD estimates it once,
+    from the first batch, as mean(exp(e . m / T)) * num_data). Tian, Krishnan, Isola (2020),
+    "Contrastive Representation Distillation".
+    """
+    _check_temperature(temperature)
+    s, t = _upcast(student_embedding), _upcast(teacher_embedding)
+    if s.ndim != 2 or s.shape != t.shape:
+        raise ValueError(f"crd needs student and teacher embeddings of one shape [N, D], got {tuple(s.shape)} and "
+                         f"{tuple(t.shape)}")
+    for name, memory in (("student_memory", student_memory), ("teacher_memory", teacher_memory)):
+        if memory.ndim != 3 or memory.shape[0] != s.shape[0] or memory.shape[2] != s.shape[1]:
+            raise ValueError(f"crd needs {name} rows [N, 1 + K, D] = [{s.shape[0]}, 1 + K, {s.shape[1]}], got "
+                             f"{tuple(memory.shape)}")
+    return (crd_nce(crd_scores(s, teacher_memory, temperature) - log_z_student, num_data)
+            + crd_nce(crd_scores(t, student_memory, temperature) - log_z_teacher, num_data))
+
+
+def crd_scores(embedding: Tensor, memory_rows: Tensor, temperature: float) -> Tensor:
+    """CRD's unnormalised log-scores e . m / T: [N, 1 + K] from an embedding [N, D] and memory rows [N, 1 + K, D]."""
+    return torch.einsum("nkd,nd->nk", _upcast(memory_rows), _upcast(embedding)) / temperature
+
+
+def hierarchical_context_loss(student_features: list[Tensor], teacher_features: list[Tensor],
+                              levels: tuple[int, ...] = (4, 2, 1)) -> Tensor:
+    """ReviewKD's HCL: for each pair of maps of one shape, the MSE at full size and after average pooling to
+    each of `levels` (those smaller than the map), weighted 1, 1/2, 1/4, ... and normalised by the weights'
+    sum; summed over the pairs. Chen, Liu, Zhao, Jia (2021), "Distilling Knowledge via Knowledge Review".
+    """
+    if len(student_features) != len(teacher_features) or not student_features:
+        raise ValueError(f"hierarchical_context_loss needs as many student as teacher maps (at least one), got "
+                         f"{len(student_features)} and {len(teacher_features)}")
+    total = 0.0
+    for s, t in zip(student_features, teacher_features, strict=True):
+        if s.shape != t.shape or s.ndim != 4:
+            raise ValueError(f"hierarchical_context_loss compares maps [N, C, H, W] of one shape, got "
+                             f"{tuple(s.shape)} and {tuple(t.shape)}")
+        s, t = _upcast(s), _upcast(t)
+        loss, weight, weights = F.mse_loss(s, t), 1.0, 1.0
+        for level in levels:
+            if level >= s.shape[2]:
+                continue
+            weight /= 2
+            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, level), F.adaptive_avg_pool2d(t, level))
+            weights += weight
+        total = total + loss / weights
+    return total

@@ -44,7 +44,7 @@ from kdistill.distill.signals import check_cache_dir, choose_teacher_signal, def
 from kdistill.distill.taps import check_tap_paths
 from kdistill.errors import KdistillError
 from kdistill.evaluation import gap_recovered, latency_ms, machine_load, model_metrics
-from kdistill.losses import DistillInputs, build_objective, cross_entropy_objective
+from kdistill.losses import DistillInputs, LossTerm, build_objective, cross_entropy_objective
 from kdistill.models import count_parameters, create_model, output_classes
 from kdistill.report import ROLES, comparison_table, write_report
 from kdistill.storage import atomic_write_text, exclusive_lock, remove_stale_temporaries
@@ -106,7 +106,7 @@ class Pipeline:
             if not (role == "teacher" and cfg.teacher.checkpoint):
                 _check_trainable(model, f"{role} '{self.specs[role].name}'", self.data.input_shape)
         self.objective = build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
-                                         cfg.train.label_smoothing)
+                                         cfg.train.label_smoothing, cfg.train.epochs)
         self._check_taps(built["student"], built["teacher"])
         if self.objective.needs_teacher:
             self.teacher_signal, self.signal_reason = choose_teacher_signal(
@@ -188,8 +188,10 @@ class Pipeline:
         for label, term in trial.terms.items():
             try:
                 term.prepare(features["student"][1], features["teacher"][1])
+                if type(term).bind_training_set is not LossTerm.bind_training_set:
+                    term.bind_training_set(self.data.train.labels.long())
                 term(DistillInputs(features["student"][0], labels, features["teacher"][0], features["student"][1],
-                                   features["teacher"][1]))
+                                   features["teacher"][1], index=torch.arange(len(inputs))))
             except (ValueError, RuntimeError) as error:
                 raise KdistillError(f"distill.losses.{label}: {error} (on the features of "
                                     f"{', '.join(term.student_taps + term.teacher_taps)}; `kdistill inspect` shows "

@@ -340,7 +340,7 @@ def validate(cfg: DictConfig) -> None:
         _in_range(size, f"eval.latency_batches[{i}]", 1, 65_536)
     # Loss terms are checked against their registered signatures.
     build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
-                    cfg.train.label_smoothing)
+                    cfg.train.label_smoothing, cfg.train.epochs)
 
 
 def train_config(**options) -> DictConfig:

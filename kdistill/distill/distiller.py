@@ -131,6 +131,7 @@ class Distiller(nn.Module):
                 teacher_logits=teacher.logits if teacher else None,
                 student_features=student_features,
                 teacher_features=teacher.features if teacher else {},
+                index=index,
             )
         )
         return loss, logits, terms
@@ -181,7 +182,9 @@ class Distiller(nn.Module):
         """Let each loss term create what depends on the tapped features' shapes (connectors, embeddings),
         from the models' features on the loader's first 8 inputs; before the optimizer is built or a
         state restored. Nothing trains: both models run in eval mode and are left as they were."""
-        terms = [term for term in self.objective.terms.values() if type(term).prepare is not LossTerm.prepare]
+        terms = [term for term in self.objective.terms.values()
+                 if type(term).prepare is not LossTerm.prepare or type(term).bind_training_set is not
+                 LossTerm.bind_training_set]
         if not terms:
             return
         with torch.random.fork_rng(devices=[]):
@@ -201,6 +204,15 @@ class Distiller(nn.Module):
         for term in terms:
             term.prepare(student_features, teacher_features)
         self.objective.to(self.device)
+        binders = [t for t in self.objective.terms.values()
+                   if type(t).bind_training_set is not LossTerm.bind_training_set]
+        if binders:
+            labels = getattr(getattr(loader, "data", None), "labels", None)
+            if labels is None:
+                raise KdistillError(f"{type(binders[0]).__name__} needs the training set's labels and each batch's "
+                                    "sample index: train it with kdistill's BatchLoader")
+            for term in binders:
+                term.bind_training_set(labels.to(self.device, torch.long))
 
     def warn_if_teacher_untrained(self, loader) -> None:
         """Warn when the teacher is no better than chance on the first batches: distilling from it teaches noise."""

@@ -23,6 +23,7 @@ from kdistill.losses.terms import (
     Objective,
     SoftCrossEntropy,
     TangInterpolation,
+    TermSchedule,
     cross_entropy_objective,
     register_loss,
 )
@@ -30,7 +31,7 @@ from kdistill.losses.terms import (
 __all__ = [
     "Connector", "DIST", "DKD", "JensenShannon", "LogitStandardizedKD", "ReverseKD",
     "LOSSES", "KD", "CrossEntropy", "DistillInputs", "LogitMSE", "LossTerm", "Objective",
-    "SoftCrossEntropy", "TangInterpolation", "DEFAULT_LOSSES", "build_objective",
+    "SoftCrossEntropy", "TangInterpolation", "TermSchedule", "DEFAULT_LOSSES", "build_objective",
     "cross_entropy_objective", "register_loss",
 ]
 
@@ -46,18 +47,20 @@ _RESERVED_LABELS = frozenset(dir(nn.ModuleDict()))
 
 def build_objective(
     specs: Mapping[str, Any], default_temperature: float = 4.0, normalize: bool = False,
-    default_label_smoothing: float = 0.0,
+    default_label_smoothing: float = 0.0, epochs: int | None = None,
 ) -> Objective:
     """Build an Objective from `{label: {type, weight, **params}}` (the `distill.losses` config).
 
     `type` defaults to the label, `weight` to 1; a label set to None (YAML null) removes that term.
+    Any term also takes `from_epoch`, `until_epoch` and `warmup_epochs` (a `TermSchedule`); given the
+    training's `epochs`, every epoch must keep a term.
     A term that takes a temperature (a label smoothing) and is not given one gets `default_temperature`
     (`default_label_smoothing`, so that a distilled student's CE matches its baseline's). Raises
     KdistillError naming the key.
     """
     if isinstance(specs, DictConfig):
         specs = OmegaConf.to_container(specs, resolve=True)
-    terms, weights = {}, {}
+    terms, weights, schedules = {}, {}, {}
     for label, spec in specs.items():
         key = f"distill.losses.{label}"
         if spec is None:  # null removes a term a recipe (or the default) put there
@@ -79,6 +82,7 @@ def build_objective(
         weight = spec.pop("weight", 1.0)
         if not is_number(weight) or not 0 <= weight <= MAX_WEIGHT:
             raise KdistillError(f"{key}.weight: must be a number >= 0 and <= {MAX_WEIGHT}, got {weight!r}")
+        schedules[label] = _schedule(key, spec)
         cls = LOSSES[type_name].cls
         params = inspect.signature(cls.__init__).parameters
         accepted = [p for p in params if p != "self"]
@@ -86,7 +90,7 @@ def build_objective(
             if name not in accepted:
                 close = difflib.get_close_matches(str(name), accepted + ["type", "weight"], n=1)
                 hint = f"did you mean {key}.{close[0]}?" if close else (
-                    f"'{type_name}' takes: {', '.join(['type', 'weight', *accepted])}")
+                    f"'{type_name}' takes: {', '.join(['type', 'weight', *accepted, *SCHEDULE_KEYS])}")
                 raise KdistillError(f"{key}.{name}: unknown key; {hint}")
             _check_type(f"{key}.{name}", value, params[name])
         for name, default in (("temperature", default_temperature), ("label_smoothing", default_label_smoothing)):
@@ -102,9 +106,31 @@ def build_objective(
         raise KdistillError(f"distill.losses: no loss term left{removed}; keep at least one, "
                             "e.g. distill.losses.kd.weight=1")
     try:
-        return Objective(terms, weights, normalize)
+        objective = Objective(terms, weights, normalize, schedules)
+        if epochs is not None:
+            objective.check_epochs(epochs)
+        return objective
     except ValueError as err:
         raise KdistillError(f"distill.losses: {err}") from None
+
+
+SCHEDULE_KEYS = ("from_epoch", "until_epoch", "warmup_epochs")
+
+
+def _schedule(key: str, spec: dict) -> TermSchedule:
+    """Pop a term's epoch window and warm-up from its spec, checked."""
+    first = spec.pop("from_epoch", 1)
+    last = spec.pop("until_epoch", None)
+    warmup = spec.pop("warmup_epochs", 0)
+    for name, value in (("from_epoch", first), ("until_epoch", last)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise KdistillError(f"{key}.{name}: must be an epoch number >= 1 (the first epoch is 1), got {value!r}")
+    if last is not None and last < first:
+        raise KdistillError(f"{key}: until_epoch ({last}) comes before from_epoch ({first}): the term would never "
+                            "count")
+    if not is_number(warmup) or not 0 <= warmup <= 100_000:
+        raise KdistillError(f"{key}.warmup_epochs: must be a number of epochs >= 0, got {warmup!r}")
+    return TermSchedule(first, last, float(warmup))
 
 
 def is_number(value: Any) -> bool:

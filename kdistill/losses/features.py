@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdistill import functional as KF
-from kdistill.losses.terms import DistillInputs, LossTerm, register_loss
+from kdistill.losses.terms import DistillInputs, LossTerm, check_temperature, register_loss
 
 
 def _path(name: str, value) -> str:
@@ -200,3 +201,214 @@ class FSP(LossTerm):
         s = [inputs.student_features[p] for p in self.student_taps]
         t = [inputs.teacher_features[p] for p in self.teacher_taps]
         return KF.fsp(s[0], s[1], t[0], t[1])
+
+
+def _as_map(feature: Tensor) -> Tensor:
+    """Vectors [N, C] as 1x1 maps [N, C, 1, 1] (a pooled feature, say); maps unchanged."""
+    return feature[:, :, None, None] if feature.ndim == 2 else feature
+
+
+@register_loss("vid", "variational information distillation: the teacher feature's likelihood under a Gaussian "
+                      "regressed from the student's (Ahn et al. 2019)")
+class VID(TapTerm):
+    """A regressor (1x1 conv, ReLU, 1x1 conv, ReLU, 1x1 conv; `mid_channels` wide, by default the teacher's
+    channels) predicts the teacher map's mean from the student's, and a learned variance per channel
+    starts at `init_variance`; the larger map is average-pooled to the smaller's size first, as
+    RepDistiller's `VIDLoss` does. RepDistiller weights it 1 (one term per pair of layers here)."""
+
+    def __init__(self, student: str, teacher: str, mid_channels: int | None = None, init_variance: float = 5.0,
+                 eps: float = 1e-5):
+        super().__init__(student, teacher)
+        if mid_channels is not None and mid_channels < 1:
+            raise ValueError(f"mid_channels must be >= 1, got {mid_channels}")
+        if not (math.isfinite(init_variance) and init_variance > eps > 0):
+            raise ValueError(f"init_variance must be > eps > 0, got {init_variance} and {eps}")
+        self.mid_channels, self.init_variance, self.eps = mid_channels, float(init_variance), float(eps)
+        self.regressor: nn.Sequential | None = None
+        self.log_scale: nn.Parameter | None = None
+
+    def prepare(self, student_features, teacher_features) -> None:
+        if self.regressor is not None:
+            return
+        student, teacher = student_features[self.student_path], teacher_features[self.teacher_path]
+        if student.ndim not in (2, 4) or teacher.ndim not in (2, 4):
+            raise ValueError(f"vid regresses maps [N, C, H, W] or vectors [N, C], got {tuple(student.shape)} and "
+                             f"{tuple(teacher.shape)}")
+        c_in, c_out = student.shape[1], teacher.shape[1]
+        mid = self.mid_channels or c_out
+        self.regressor = nn.Sequential(nn.Conv2d(c_in, mid, 1, bias=False), nn.ReLU(),
+                                       nn.Conv2d(mid, mid, 1, bias=False), nn.ReLU(),
+                                       nn.Conv2d(mid, c_out, 1, bias=False))
+        # softplus(log_scale) + eps = init_variance at the start
+        start = math.log(math.expm1(self.init_variance - self.eps))
+        self.log_scale = nn.Parameter(torch.full((c_out,), start))
+
+    def forward(self, inputs: DistillInputs) -> Tensor:
+        if self.regressor is None:
+            raise RuntimeError("vid: its regressor is built from the features' shapes first (Distiller.prepare)")
+        student, teacher = self.features(inputs)
+        student, teacher = KF._pool_to_match(_as_map(student), _as_map(teacher))
+        return KF.vid(self.regressor(student.to(self.log_scale.dtype)), teacher, self.log_scale, self.eps)
+
+
+@register_loss("crd", "contrastive representation distillation: the student's embedding picks out the teacher's "
+                      "of the same sample among many others (Tian et al. 2020)")
+class CRD(TapTerm):
+    """Both features are flattened, embedded to `dim` by a linear layer each and L2-normalised. Two
+    memory banks (a row per training sample, on the device, saved in checkpoints) hold momentum
+    averages of the embeddings; each sample is contrasted with `negatives` rows drawn from samples
+    of other classes (RepDistiller's default, 'exact' mode). The normalising constants are set from
+    the first batch. RepDistiller: dim 128, 16384 negatives, T = 0.07, momentum 0.5, weight 0.8.
+    The cost of a step grows with `negatives` (two [N, 1 + K, dim] gathers): on a CPU, fewer is faster.
+    One process only for now: under torchrun each process would update its own bank."""
+
+    def __init__(self, student: str, teacher: str, dim: int = 128, negatives: int = 16384,
+                 temperature: float = 0.07, momentum: float = 0.5):
+        super().__init__(student, teacher)
+        if dim < 1 or negatives < 1:
+            raise ValueError(f"dim and negatives must be >= 1, got {dim} and {negatives}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.dim, self.negatives, self.momentum = dim, negatives, float(momentum)
+        self.temperature = check_temperature(temperature)
+        self.embed_student: nn.Linear | None = None
+        self.embed_teacher: nn.Linear | None = None
+
+    def prepare(self, student_features, teacher_features) -> None:
+        if self.embed_student is None:
+            self.embed_student = nn.Linear(student_features[self.student_path][0].numel(), self.dim)
+            self.embed_teacher = nn.Linear(teacher_features[self.teacher_path][0].numel(), self.dim)
+
+    def bind_training_set(self, labels: Tensor) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            raise ValueError("crd keeps its memory bank in one process: train it in one process (no torchrun, "
+                             "no --nproc) for now")
+        classes = torch.bincount(labels)
+        if int((classes > 0).sum()) < 2:
+            raise ValueError("crd draws its negatives from other classes: the training set needs at least two")
+        n, device = len(labels), labels.device
+        bound = 1 / math.sqrt(self.dim / 3)
+        for name in ("student_memory", "teacher_memory"):  # as RepDistiller starts them; saved and resumed
+            self.register_buffer(name, (torch.rand(n, self.dim, device=device) * 2 - 1) * bound)
+        self.register_buffer("log_z", torch.full((2,), math.nan, device=device))  # NaN: not set yet
+        # Samples sorted by class: the negatives of a class-c sample are drawn from outside c's block.
+        self.register_buffer("by_class", torch.argsort(labels, stable=True), persistent=False)
+        self.register_buffer("sample_class", labels.clone(), persistent=False)
+        self.register_buffer("class_count", classes, persistent=False)
+        self.register_buffer("class_start", torch.cumsum(classes, 0) - classes, persistent=False)
+
+    def _negatives(self, samples: Tensor) -> Tensor:
+        """[N, K] sample indices, uniform over the samples of other classes, drawn on the device."""
+        c = self.sample_class[samples][:, None]
+        count, start = self.class_count[c], self.class_start[c]
+        draw = (torch.rand(len(samples), self.negatives, device=samples.device) * (len(self.by_class) - count)).long()
+        draw = draw + (draw >= start) * count  # skip the anchor's class block
+        return self.by_class[draw]
+
+    def forward(self, inputs: DistillInputs) -> Tensor:
+        if self.embed_student is None or not hasattr(self, "student_memory"):
+            raise RuntimeError("crd: its embeddings and memory banks are built before training (Distiller.prepare)")
+        if inputs.index is None:
+            raise ValueError("crd needs each batch's sample index: train with kdistill's BatchLoader")
+        student, teacher = self.features(inputs)
+        s = F.normalize(self.embed_student(student.flatten(1).float()), dim=1)
+        t = F.normalize(self.embed_teacher(teacher.flatten(1).float()), dim=1)
+        n = len(self.sample_class)
+        samples = inputs.index % n  # a cached view's row names view * n + sample
+        rows = torch.cat([samples[:, None], self._negatives(samples)], dim=1)
+        # The student against the teacher's memory, the teacher against the student's (KF.crd, in two halves
+        # so that the first batch's scores also set the normalising constants).
+        scores = [KF.crd_scores(s, self.teacher_memory[rows], self.temperature),
+                  KF.crd_scores(t, self.student_memory[rows], self.temperature)]
+        with torch.no_grad():  # Z = mean(exp(score)) * n on the first batch (CRD's estimate), then fixed
+            first = torch.stack([torch.logsumexp(x.detach(), dim=(0, 1)) for x in scores])
+            first = first - math.log(rows.numel()) + math.log(n)
+            self.log_z.copy_(torch.where(torch.isnan(self.log_z), first, self.log_z))
+        loss = KF.crd_nce(scores[0] - self.log_z[0], n) + KF.crd_nce(scores[1] - self.log_z[1], n)
+        if self.training:
+            with torch.no_grad():
+                for memory, embedding in ((self.student_memory, s), (self.teacher_memory, t)):
+                    memory.index_copy_(0, samples, F.normalize(
+                        memory[samples] * self.momentum + embedding.detach() * (1 - self.momentum), dim=1))
+        return loss
+
+
+class _AttentionFusion(nn.Module):
+    """ReviewKD's ABF: a student map to `mid` channels (1x1 conv, BN), fused with the deeper level's
+    result by two attention maps, resized to the teacher map's size, then to its channels (3x3 conv, BN).
+    Returns (the output for the loss, the fused map for the next, shallower level)."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
+        self.expand = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(out_channels))
+        self.attention = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        nn.init.kaiming_uniform_(self.reduce[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.expand[0].weight, a=1)
+
+    def forward(self, x: Tensor, deeper: Tensor | None, out_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        x = self.reduce(x)
+        if self.attention is not None:
+            deeper = F.interpolate(deeper, size=x.shape[2:], mode="nearest")
+            weights = self.attention(torch.cat([x, deeper], dim=1))
+            x = x * weights[:, :1] + deeper * weights[:, 1:]
+        if tuple(x.shape[2:]) != out_size:
+            x = F.interpolate(x, size=out_size, mode="nearest")
+        return self.expand(x), x
+
+
+@register_loss("review", "review KD: each student level, fused with the deeper ones, matches a teacher level "
+                         "(Chen et al. 2021)")
+class ReviewKD(LossTerm):
+    """Taps the same number of levels in both networks, shallow to deep (`student: [layer1, layer2, pool]`;
+    a vector is a 1x1 map). From the deepest level up, attention-based fusion modules carry the deeper
+    student levels into each shallower one; each fused map is compared with the teacher's level by
+    `hierarchical_context_loss`. Fusion width: min(512, the deepest student level's channels), as in
+    mdistiller. mdistiller weights it 1 on CIFAR (8 on ImageNet), with `warmup_epochs: 20`."""
+
+    def __init__(self, student: list, teacher: list, mid_channels: int | None = None):
+        super().__init__()
+        for name, value in (("student", student), ("teacher", teacher)):
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"{name} must list module paths shallow to deep, got {value!r}")
+        if len(student) != len(teacher):
+            raise ValueError(f"review pairs levels: student and teacher must list as many paths, got {len(student)} "
+                             f"and {len(teacher)}")
+        if mid_channels is not None and mid_channels < 1:
+            raise ValueError(f"mid_channels must be >= 1, got {mid_channels}")
+        self.student_taps = tuple(_path("student", p) for p in student)
+        self.teacher_taps = tuple(_path("teacher", p) for p in teacher)
+        self.mid_channels = mid_channels
+        self.fusions: nn.ModuleList | None = None  # deepest level first
+
+    def _levels(self, features: dict[str, Tensor], paths: tuple[str, ...], role: str) -> list[Tensor]:
+        maps = [_as_map(features[p]) for p in paths]
+        for path, feature in zip(paths, maps, strict=True):
+            if feature.ndim != 4:
+                raise ValueError(f"review fuses maps [N, C, H, W] or vectors [N, C]; the {role}'s {path} gives "
+                                 f"{tuple(feature.shape)}")
+        return maps
+
+    def prepare(self, student_features, teacher_features) -> None:
+        if self.fusions is not None:
+            return
+        student = self._levels(student_features, self.student_taps, "student")
+        teacher = self._levels(teacher_features, self.teacher_taps, "teacher")
+        mid = self.mid_channels or min(512, student[-1].shape[1])
+        deepest = len(student) - 1
+        self.fusions = nn.ModuleList(_AttentionFusion(s.shape[1], mid, t.shape[1], fuse=i < deepest)
+                                     for i, (s, t) in reversed(list(enumerate(zip(student, teacher, strict=True)))))
+
+    def forward(self, inputs: DistillInputs) -> Tensor:
+        if self.fusions is None:
+            raise RuntimeError("review: its fusion modules are built from the features' shapes first "
+                               "(Distiller.prepare)")
+        student = self._levels(inputs.student_features, self.student_taps, "student")[::-1]
+        teacher = self._levels(inputs.teacher_features, self.teacher_taps, "teacher")[::-1]
+        outputs, fused = [], None
+        for fusion, s, t in zip(self.fusions, student, teacher, strict=True):
+            out, fused = fusion(s.float(), fused, tuple(t.shape[2:]))
+            outputs.append(out)
+        return KF.hierarchical_context_loss(outputs[::-1], teacher[::-1])

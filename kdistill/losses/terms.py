@@ -13,6 +13,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from kdistill import functional as KF
@@ -27,6 +28,7 @@ class DistillInputs:
     teacher_logits: Tensor | None = None
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    index: Tensor | None = None  # each row's training sample (view v of sample i: v * samples + i)
 
 
 class LossTerm(nn.Module):
@@ -38,6 +40,10 @@ class LossTerm(nn.Module):
 
     def prepare(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
         """Create what depends on the tapped features' shapes (called once on one batch, before training)."""
+
+    def bind_training_set(self, labels: Tensor) -> None:
+        """Create what depends on the training set, given every training sample's class (a memory bank
+        with a row per sample, say); called once before training, after `prepare`, on the device."""
 
     def teacher_logits(self, inputs: DistillInputs) -> Tensor:
         if inputs.teacher_logits is None:
@@ -132,10 +138,35 @@ class TangInterpolation(LossTerm):
         )
 
 
-class Objective(nn.Module):
-    """A weighted sum of named terms; returns the total and each term's value by label."""
+@dataclass(frozen=True)
+class TermSchedule:
+    """When a term counts, by epoch (1-based, as the logs count): from `from_epoch` to `until_epoch`
+    (inclusive; None = to the end), its weight ramped up linearly over its first `warmup_epochs`
+    (mdistiller's DKD and ReviewKD: min(epoch / warmup, 1))."""
 
-    def __init__(self, terms: dict[str, LossTerm], weights: dict[str, float], normalize: bool = False):
+    from_epoch: int = 1
+    until_epoch: int | None = None
+    warmup_epochs: float = 0.0
+
+    def factor(self, epoch: int) -> float:
+        """The weight's factor in 0-based `epoch`: 0 outside the window."""
+        current = epoch + 1
+        if current < self.from_epoch or (self.until_epoch is not None and current > self.until_epoch):
+            return 0.0
+        if self.warmup_epochs > 0:
+            return min((current - self.from_epoch + 1) / self.warmup_epochs, 1.0)
+        return 1.0
+
+
+class Objective(nn.Module):
+    """A weighted sum of named terms; returns the total and each term's value by label.
+
+    Terms with a `TermSchedule` count only in their epochs (`set_epoch`, called by the loop at the start
+    of every epoch); a term outside its window is not computed and reports 0.
+    """
+
+    def __init__(self, terms: dict[str, LossTerm], weights: dict[str, float], normalize: bool = False,
+                 schedules: dict[str, TermSchedule] | None = None):
         super().__init__()
         if not terms:
             raise ValueError("an objective needs at least one loss term")
@@ -146,6 +177,33 @@ class Objective(nn.Module):
             raise ValueError("at least one loss weight must be > 0")
         self.terms = nn.ModuleDict(terms)
         self.weights = {k: (w / total if normalize else w) for k, w in weights.items()}
+        self.schedules = {label: s for label, s in (schedules or {}).items() if s != TermSchedule()}
+        # The warm-up factors live on the device: a Python float changing every epoch would recompile a
+        # compiled step each time. Not saved: set_epoch recomputes them on resume.
+        self._ramped = [label for label, s in self.schedules.items() if s.warmup_epochs > 0]
+        self.register_buffer("ramp", torch.ones(len(self._ramped)), persistent=False)
+        self._active = [label for label, w in self.weights.items() if w > 0]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Switch terms on and off and set their warm-up factors for 0-based `epoch`."""
+        if not self.schedules:
+            return
+        factors = {label: self.schedules[label].factor(epoch) if label in self.schedules else 1.0
+                   for label in self.terms}
+        active = [label for label, w in self.weights.items() if w > 0 and factors[label] > 0]
+        if not active:
+            raise ValueError(f"no loss term counts in epoch {epoch + 1} (from_epoch / until_epoch leave a gap)")
+        self._active = active
+        if self._ramped:
+            self.ramp.copy_(torch.tensor([factors[label] for label in self._ramped], device=self.ramp.device))
+
+    def check_epochs(self, epochs: int) -> None:
+        """Raise ValueError when some epoch of `epochs` would have no term (a gap between the windows)."""
+        for epoch in range(epochs):
+            if not any(self.weights[label] > 0 and (label not in self.schedules or self.schedules[label].factor(epoch))
+                       for label in self.terms):
+                raise ValueError(f"no loss term counts in epoch {epoch + 1} of {epochs}: widen a term's "
+                                 "from_epoch / until_epoch")
 
     @property
     def needs_teacher(self) -> bool:
@@ -160,9 +218,14 @@ class Objective(nn.Module):
         return tuple(dict.fromkeys(p for t in self.terms.values() for p in t.teacher_taps))
 
     def forward(self, inputs: DistillInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        values = {label: term(inputs) for label, term in self.terms.items() if self.weights[label] > 0}
-        total = sum(self.weights[label] * v for label, v in values.items())
-        return total, {label: v.detach() for label, v in values.items()}
+        values = {label: self.terms[label](inputs) for label in self._active}
+        total = sum(self.weights[label] * (self.ramp[self._ramped.index(label)] if label in self._ramped else 1.0) * v
+                    for label, v in values.items())
+        logged = {label: v.detach() for label, v in values.items()}
+        for label, weight in self.weights.items():  # a term outside its epochs: reported as 0
+            if weight > 0 and label not in logged:
+                logged[label] = total.detach().new_zeros(())
+        return total, logged
 
 
 def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:

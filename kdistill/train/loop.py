@@ -223,8 +223,12 @@ def _step_function(distiller, device: torch.device):
         return distiller.training_step
     from torch.nn.parallel import DistributedDataParallel
 
+    # Terms switched off for some epochs (two-stage FitNets: only the hint's layers learn at first) leave
+    # parameters without gradients, which DDP must be told to expect.
+    windows = any(s.from_epoch > 1 or s.until_epoch is not None
+                  for s in getattr(getattr(distiller, "objective", None), "schedules", {}).values())
     return DistributedDataParallel(_TrainingStep(distiller), device_ids=[device.index] if device.type == "cuda"
-                                   else None)
+                                   else None, find_unused_parameters=windows)
 
 
 def _epoch_batches(loader, epoch: int, start_step: int):
@@ -326,6 +330,9 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                 meter.load(position.meter)
                 _set_rng_state(position.rng, device)
                 seconds_before = position.seconds
+            objective = getattr(distiller, "objective", None)
+            if hasattr(objective, "set_epoch"):
+                objective.set_epoch(epoch)  # terms with an epoch window or a warm-up
             distiller.train()
             started = time.perf_counter()
             batches = progress.batches(epoch_batches, steps_per_epoch - first_step, f"{label} {epoch + 1}/{cfg.epochs}")
