@@ -40,7 +40,13 @@ from kdistill import __version__
 from kdistill.config.describe import flatten
 from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller, FeatureTaps, TopKLogits, cached_teacher_logits
-from kdistill.distill.signals import check_cache_dir, choose_teacher_signal, default_cache_dir, weights_digest
+from kdistill.distill.signals import (
+    cached_teacher_features,
+    check_cache_dir,
+    choose_teacher_signal,
+    default_cache_dir,
+    weights_digest,
+)
 from kdistill.distill.taps import check_tap_paths
 from kdistill.errors import KdistillError
 from kdistill.evaluation import gap_recovered, latency_ms, machine_load, model_metrics
@@ -110,7 +116,8 @@ class Pipeline:
         self._check_taps(built["student"], built["teacher"])
         if self.objective.needs_teacher:
             self.teacher_signal, self.signal_reason = choose_teacher_signal(
-                cfg.distill.teacher_signal, augmentation(cfg.train), bool(self.objective.teacher_taps))
+                cfg.distill.teacher_signal, augmentation(cfg.train), bool(self.objective.teacher_taps),
+                processes=int(os.environ.get("WORLD_SIZE", "1")))
         else:
             self.teacher_signal, self.signal_reason = "none", "no loss term reads the teacher"
         self._check_paths()
@@ -515,8 +522,19 @@ class Pipeline:
             verb = "computed and stored" if built else "loaded"
             what = f"{self.views} views of each sample" if self.views else "each sample"
             self.progress.line(f"[student] soft labels ({what}) {verb} in {seconds:.1f}s: {path}")
+        features = None
+        if self.cached and self.objective.teacher_taps:
+            started = time.perf_counter()
+            features, files, built_now = cached_teacher_features(
+                self.model("teacher"), self.loader("train"), path.stem, self.objective.teacher_taps,
+                len(self.data.train), self.cache_dir, rebuild=built, log=self.progress.line)
+            size = sum(f.stat().st_size for f in files) / 2**20
+            self.progress.line(f"[student] teacher features ({', '.join(features)}; {size:,.0f} MiB, memory-mapped) "
+                               f"{'computed and stored' if built_now else 'loaded'} in "
+                               f"{time.perf_counter() - started:.1f}s: {files[0].parent}")
         teacher = self.model("teacher") if signal == "live" else None
-        distiller = Distiller(teacher, student, self.objective, soft_labels=soft_labels, device=self.device)
+        distiller = Distiller(teacher, student, self.objective, soft_labels=soft_labels, teacher_features=features,
+                              device=self.device)
         distiller.warn_if_teacher_untrained(self.loader("train"))
         return distiller
 

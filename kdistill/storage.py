@@ -80,6 +80,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+@contextmanager
+def atomic_files(paths: list[Path]) -> Iterator[list[Path]]:
+    """Temporaries for several files written together (in one pass over data, say): each is renamed onto
+    its final name, flushed, when the block ends without an error, and removed otherwise. A kill while
+    renaming can leave only some of them final; readers must check that all are there."""
+    paths = [Path(p) for p in paths]
+    created: list[tuple[Path, int]] = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            created.append(_create_temporary(path))
+        yield [tmp for tmp, _ in created]
+        for (tmp, mode), path in zip(created, paths, strict=True):
+            with open(tmp, "rb+") as handle:
+                os.fchmod(handle.fileno(), mode)
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in created:
+            tmp.unlink(missing_ok=True)
+        raise
+    for folder in {path.parent for path in paths}:
+        _fsync_folder(folder)
+
+
 def remove_stale_temporaries(folder: Path, recursive: bool = True, *, name: str | None = None) -> list[Path]:
     """Delete the temporaries that killed writers left in `folder`; returns what was removed.
 

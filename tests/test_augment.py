@@ -236,7 +236,8 @@ def test_a_distiller_with_cached_logits_refuses_mixed_batches():
     ("auto", None, False, "cached"),
     ("auto", Augment(hflip=True), False, "cached_views"),
     ("auto", Augment(hflip=True, mixup=0.2), False, "live"),
-    ("auto", None, True, "live"),
+    ("auto", None, True, "cached"),  # tapped features are cached too
+    ("auto", Augment(hflip=True), True, "live"),  # but not on augmented views
     ("live", Augment(hflip=True), False, "live"),
     ("cached_views", Augment(resized_crop=(0.5, 1.0)), False, "cached_views"),
 ])
@@ -249,11 +250,17 @@ def test_the_signal_auto_picks(requested, augment, taps, expected):
     ("cached_views", Augment(hflip=True, cutmix=1.0), False, "must see each mixed batch"),
     ("cached", Augment(mixup=0.2), False, "must see each mixed batch"),
     ("cached_views", None, False, "train.augment is off"),
-    ("cached", None, True, "features, which are not cached"),
+    ("cached_views", Augment(hflip=True), True, "cached only for unaugmented batches in one process"),
 ])
 def test_a_signal_that_cannot_be_right_is_refused(requested, augment, taps, message):
     with pytest.raises(KdistillError, match=message):
         choose_teacher_signal(requested, augment, taps)
+
+
+def test_several_processes_read_tapped_features_live():
+    assert choose_teacher_signal("auto", None, True, processes=2)[0] == "live"
+    with pytest.raises(KdistillError, match="2 processes"):
+        choose_teacher_signal("cached", None, True, processes=2)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

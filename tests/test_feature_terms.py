@@ -23,7 +23,9 @@ def run(tmp_path, *args):
 
 def test_a_fitnet_hint_trains_its_connector_and_leaves_it_out_of_the_student(tmp_path, capsys):
     assert run(tmp_path, "run", HINT) == 0
-    assert "teacher signal: live" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "teacher signal: cached (no augmentation: the teacher's logits and tapped features" in err
+    assert "teacher features (body.fc2; " in err
     folder = tmp_path / "digits_quick"
     history = [json.loads(line) for line in (folder / "student" / "metrics.jsonl").read_text().splitlines()]
     assert "train_hint" in history[0] and history[1]["train_hint"] < history[0]["train_hint"]

@@ -37,7 +37,8 @@ LOADER_OPTIONS = {
 
 
 class Distiller(nn.Module):
-    """Train `student` against `teacher` (an nn.Module, run live) or cached `soft_labels`.
+    """Train `student` against `teacher` (an nn.Module, run live) or cached `soft_labels` (with
+    `teacher_features`, {module path: [N, ...] table}, for terms that tap the teacher).
 
     `losses` is an Objective or a `{label: {type, weight, **params}}` mapping (the
     `distill.losses` config); None means seed 000's 0.5 * CE + 0.5 * KD at `temperature`
@@ -54,6 +55,7 @@ class Distiller(nn.Module):
         *,
         temperature: float | None = None,
         soft_labels: Tensor | None = None,
+        teacher_features: Mapping[str, Tensor] | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
@@ -68,9 +70,10 @@ class Distiller(nn.Module):
             self.objective = build_objective(losses, 4.0 if temperature is None else temperature)
         self.student = student
         self.signal = None
+        cached_taps = set(teacher_features or {})
         if self.objective.needs_teacher:
-            if soft_labels is not None and not self.objective.teacher_taps:
-                self.signal = CachedTeacher(soft_labels)
+            if soft_labels is not None and set(self.objective.teacher_taps) <= cached_taps:
+                self.signal = CachedTeacher(soft_labels, {p: teacher_features[p] for p in self.objective.teacher_taps})
             elif teacher is not None:
                 self.signal = LiveTeacher(teacher, self.objective.teacher_taps)
             elif self.objective.teacher_taps:
@@ -189,7 +192,8 @@ class Distiller(nn.Module):
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            inputs = unpack(next(iter(loader)))[0][:8].to(self.device)
+            inputs, _, index = unpack(next(iter(loader)))
+        inputs = inputs[:8].to(self.device)
         state = _module_state(self.student)
         try:
             self.student.eval()
@@ -201,6 +205,8 @@ class Distiller(nn.Module):
         if isinstance(self.signal, LiveTeacher):
             with self._teacher_lent():
                 teacher_features = self.signal(inputs).features
+        elif isinstance(self.signal, CachedTeacher) and self.signal.features:
+            teacher_features = self.signal(inputs, None if index is None else index[:8].to(self.device)).features
         for term in terms:
             term.prepare(student_features, teacher_features)
         self.objective.to(self.device)

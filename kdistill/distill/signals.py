@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +32,7 @@ from kdistill.config.loading import TEACHER_SIGNALS
 from kdistill.data.augment import Augment
 from kdistill.distill.taps import FeatureTaps
 from kdistill.errors import KdistillError
-from kdistill.storage import exclusive_lock, remove_stale_temporaries
+from kdistill.storage import atomic_files, exclusive_lock, remove_stale_temporaries
 from kdistill.train.checkpoint import load_tensors, save_tensors
 from kdistill.train.devices import autocast, device_of
 from kdistill.train.loop import unpack
@@ -76,11 +77,13 @@ class LiveTeacher:
         return logits, (self.taps.pop() if self.taps else {})
 
 
-def choose_teacher_signal(requested: str, augment: Augment | None, taps_teacher: bool) -> tuple[str, str]:
+def choose_teacher_signal(requested: str, augment: Augment | None, taps_teacher: bool,
+                          processes: int = 1) -> tuple[str, str]:
     """(signal, why) for a distillation that needs the teacher: `requested` is distill.teacher_signal.
 
-    auto picks the cheapest correct signal: cached logits without augmentation, cached views with
-    per-sample augmentation, the live teacher when batches are mixed or its features are tapped.
+    auto picks the cheapest correct signal: cached logits (and tapped features) without augmentation,
+    cached views with per-sample augmentation, the live teacher when batches are mixed or its
+    features are tapped on augmented batches (or by several processes: features are cached by one).
     An explicit choice that cannot be right is refused rather than quietly changed.
     """
     if requested not in TEACHER_SIGNALS:
@@ -88,11 +91,13 @@ def choose_teacher_signal(requested: str, augment: Augment | None, taps_teacher:
     augmented, mixes = augment is not None and augment.enabled, augment is not None and augment.mixes
     if requested == "live":
         return "live", "asked for (distill.teacher_signal=live)"
-    if taps_teacher:
+    if taps_teacher and (augmented or processes > 1):
+        why = "augmented batches" if augmented else f"{processes} processes (one builds a feature cache)"
         if requested != "auto":
             raise KdistillError(f"distill.teacher_signal={requested}: the loss terms read the teacher's features, "
-                                "which are not cached; use live (or auto)")
-        return "live", "the loss terms read the teacher's features"
+                                f"which are cached only for unaugmented batches in one process, and this run has "
+                                f"{why}; use live (or auto)")
+        return "live", f"the loss terms read the teacher's features, on {why}"
     if mixes:
         if requested != "auto":
             raise KdistillError(f"distill.teacher_signal={requested}: train.augment.mixup / cutmix blend two images "
@@ -107,6 +112,8 @@ def choose_teacher_signal(requested: str, augment: Augment | None, taps_teacher:
                             "use cached (or auto)")
     if augmented:
         return "cached_views", "per-sample augmentation: the teacher's logits on fixed views of each sample"
+    if taps_teacher:
+        return "cached", "no augmentation: the teacher's logits and tapped features on each training sample"
     return "cached", "no augmentation: the teacher's logits on each training sample"
 
 
@@ -156,25 +163,52 @@ class TopKLogits:
 
 class CachedTeacher:
     """Teacher logits looked up by each batch's `index`: a sample's position in the training set, or a
-    (view, sample) row when the loader draws cached views. Kept in the stored dtype (fp16 for views)."""
+    (view, sample) row when the loader draws cached views. Kept in the stored dtype (fp16 for views).
 
-    def __init__(self, logits: Tensor | TopKLogits):
+    `features` ({tapped module path: [N, ...] table}, memory-mapped fp16 from `cached_teacher_features`)
+    are looked up the same way, so feature and relation terms need no teacher at all.
+    """
+
+    def __init__(self, logits: Tensor | TopKLogits, features: dict[str, Tensor] | None = None):
         self.logits = logits
+        self.features = dict(features or {})
 
     def to(self, device: torch.device) -> "CachedTeacher":
-        """Keep the table where the batches' indices are: one gather per step, no copy."""
+        """Keep the tables where the batches' indices are: one gather per step, no copy. Feature tables
+        move to a GPU only when they take under a quarter of its free memory; otherwise each batch's rows
+        are gathered on the host and copied (the index comes back to the host: one sync per step)."""
         self.logits = self.logits.to(device)
+        if self.features and _fits_on(device, sum(t.numel() * t.element_size() for t in self.features.values())):
+            self.features = {path: table.to(device) for path, table in self.features.items()}
         return self
 
     def digest(self) -> str:
         table = self.logits
-        return tensor_digest(*(table.tensors().values() if isinstance(table, TopKLogits) else [table]))
+        parts = list(table.tensors().values() if isinstance(table, TopKLogits) else [table])
+        # A feature table can be gigabytes: its shape and first rows stand for it (its file is keyed by
+        # the teacher and the data anyway).
+        parts += [t[:64] for _, t in sorted(self.features.items())]
+        return tensor_digest(*parts)
 
     def __call__(self, inputs: Tensor, index: Tensor | None = None) -> TeacherOutput:
         if index is None:
             raise ValueError("cached soft labels need batches that carry sample indices "
                              "(kdistill.data.BatchLoader does); use a live teacher otherwise")
-        return TeacherOutput(self.logits[index].float())
+        features = {path: _rows(table, index).float() for path, table in self.features.items()}
+        return TeacherOutput(self.logits[index].float(), features)
+
+
+def _rows(table: Tensor, index: Tensor) -> Tensor:
+    if table.device == index.device:
+        return table[index]
+    return table[index.cpu()].to(index.device, non_blocking=True)
+
+
+def _fits_on(device: torch.device, size: int) -> bool:
+    if device.type != "cuda":
+        return True  # the CPU (the tables are there already, memory-mapped) or MPS (unified memory)
+    free, _ = torch.cuda.mem_get_info(device)
+    return size < free / 4
 
 
 def _raw_bytes(tensor: Tensor) -> bytes:
@@ -433,3 +467,113 @@ def _table(tensors: dict[str, Tensor], classes: int) -> tuple[Tensor | TopKLogit
 
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+# -- teacher features ------------------------------------------------------------------------------
+
+def feature_file(cache_dir: Path, logits_key: str, path: str) -> Path:
+    """Where the features of module `path` live, for the teacher and data of soft-label entry `logits_key`:
+    one file per tapped module, so recipes that tap the same module share it."""
+    key = hashlib.sha256(json.dumps([logits_key, "feature", path]).encode()).hexdigest()[:32]
+    return cache_dir / f"{key}.npy"
+
+
+def cached_teacher_features(teacher: nn.Module, loader, logits_key: str, taps: Sequence[str], num_samples: int,
+                            cache_dir: Path | None = None, precision: str = "fp32", *, rebuild: bool = False,
+                            log: Callable[[str], None] | None = None) -> tuple[dict[str, Tensor], list[Path], bool]:
+    """The teacher's features at the tapped module paths for every training sample, from the cache or
+    computed now in one pass of the teacher over `loader` (unshuffled, unaugmented, one process).
+
+    Returns ({path: [N, ...] table}, files, built). Tables are fp16 (fp32 if a value is beyond fp16's
+    range) `.npy` files, memory-mapped: a table larger than memory still works, read as batches need it.
+    They are keyed by the soft-label entry `logits_key`, whose probe check vouches for the teacher:
+    when that entry was rebuilt, pass `rebuild=True`.
+    """
+    log = log or _to_stderr
+    cache_dir = check_cache_dir(cache_dir)
+    files = [feature_file(cache_dir, logits_key, path) for path in taps]
+    with exclusive_lock(cache_dir / f"{logits_key}.features.lock", "teacher-feature cache", wait=True, on_wait=log):
+        for file in files:
+            remove_stale_temporaries(cache_dir, recursive=False, name=file.name)
+        if not rebuild:
+            tables, problem = _read_features(files, num_samples)
+            if tables is not None:
+                return dict(zip(taps, tables, strict=True)), files, False
+            if problem:
+                log(f"teacher-feature cache entry {problem}: rebuilding it")
+        for dtype in (np.float16, np.float32):  # fp32 only if a feature overflows fp16
+            if _write_features(teacher, loader, taps, files, num_samples, precision, dtype):
+                break
+        tables, problem = _read_features(files, num_samples)
+        if tables is None:
+            raise KdistillError(f"teacher-feature cache entry {problem} right after it was written: is "
+                                f"{cache_dir} on a sound disk?")
+    return dict(zip(taps, tables, strict=True)), files, True
+
+
+@torch.inference_mode()
+def _write_features(teacher: nn.Module, loader, taps: Sequence[str], files: list[Path], num_samples: int,
+                    precision: str, dtype) -> bool:
+    """Fill one memory-mapped file per tap; False (nothing kept) when a value overflows `dtype`."""
+    freeze(teacher)
+    device = device_of(teacher)
+    hooks = FeatureTaps(teacher, taps)
+    limit = float(np.finfo(dtype).max)
+    try:
+        with atomic_files(files) as temporaries:
+            arrays = None
+            filled = np.zeros(num_samples, dtype=np.int64)
+            for batch in loader:
+                inputs, _, index = unpack(batch)
+                with autocast(precision, device):
+                    teacher(inputs.to(device, non_blocking=True))
+                features = hooks.pop()
+                if arrays is None:
+                    arrays = [np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                                        shape=(num_samples, *features[path].shape[1:]))
+                              for tmp, path in zip(temporaries, taps, strict=True)]
+                rows = index.cpu().numpy()
+                for array, path in zip(arrays, taps, strict=True):
+                    values = features[path].float()
+                    if not torch.isfinite(values).all():
+                        raise KdistillError(f"the teacher's features at {path} contain NaN or inf: check the "
+                                            "teacher checkpoint")
+                    if values.abs().max() >= limit:
+                        raise _Overflow
+                    array[rows] = values.contiguous().cpu().numpy().astype(dtype)
+                np.add.at(filled, rows, 1)
+            if arrays is None or not (filled == 1).all():
+                raise ValueError("the loader did not give every training sample exactly once")
+            for array in arrays:
+                array.flush()
+            del arrays
+    except _Overflow:
+        return False
+    finally:
+        hooks.remove()
+    return True
+
+
+class _Overflow(Exception):
+    """A feature value beyond the storage dtype's range."""
+
+
+def _read_features(files: list[Path], num_samples: int) -> tuple[list[Tensor] | None, str]:
+    """Each file as a memory-mapped tensor, or None and what is wrong ("" when a file is simply missing).
+    Copy-on-write: nothing a training does can change the files."""
+    tables = []
+    for file in files:
+        if not file.exists():
+            return None, ""
+        try:
+            array = np.load(file, mmap_mode="c", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            return None, f"{file} does not read back as an array ({err})"
+        if array.dtype not in (np.float16, np.float32) or array.ndim < 2 or array.shape[0] != num_samples:
+            return None, f"{file} holds {array.dtype} of shape {array.shape} for {num_samples} samples"
+        table = torch.from_numpy(array)
+        for start in range(0, num_samples, 8192):  # a chunk at a time: the table may not fit in memory
+            if not torch.isfinite(table[start:start + 8192]).all():
+                return None, f"{file} holds NaN or inf"
+        tables.append(table)
+    return tables, ""
