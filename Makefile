@@ -63,3 +63,31 @@ study: setup data
 	$(KD) sweep study_fashion_mnist train.augment.crop_padding=2 train.augment.hflip=true \
 	    distill.teacher_signal=cached_views $(STUDY) --name study_augmentation
 	$(KD) report runs/study_objectives runs/study_temperature runs/study_augmentation --out runs/study_report
+
+# The method table (BENCHMARKS.md, issue 10): every method on one setting, the residual teacher to seed 000's
+# student (20 epochs, the same schedule for all), 3 seeds; the papers' weights (RepDistiller's, mdistiller's).
+# Student taps: conv1 16x28x28, conv2 32x14x14, fc1 64; teacher: stages.0 32x28x28, stages.1 64x14x14,
+# stages.2 128x7x7. Hours on a CPU; resumable like the study. FSP is left out: no student and teacher layer
+# pairs have equal channels here.
+METHODS := --seeds 0,1,2 --jobs $(or $(JOBS),2) --name methods
+METHOD_LOSSES := \
+  {ce: {weight: 0.1}, kd: {weight: 0.9}},\
+  {ce: {weight: 1}, dkd: {weight: 1, warmup_epochs: 2}},\
+  {ce: {weight: 1}, dist: {weight: 1, beta: 2, gamma: 2, temperature: 4}},\
+  {ce: {weight: 0.1}, ls_kd: {weight: 9, temperature: 2}},\
+  {ce: {weight: 0.1}, reverse_kd: {weight: 0.9}},\
+  {ce: {weight: 0.1}, js: {weight: 0.9}},\
+  {ce: {weight: 1}, hint: {type: fitnet, student: conv2, teacher: stages.1, weight: 100}},\
+  {ce: {weight: 1}, at: {student: conv2, teacher: stages.1, weight: 1000}},\
+  {ce: {weight: 1}, nst: {student: conv2, teacher: stages.1, weight: 50}},\
+  {ce: {weight: 1}, vid: {student: conv2, teacher: stages.1, weight: 1}},\
+  {ce: {weight: 1}, crd: {student: fc1, teacher: stages.2, weight: 0.8, negatives: 1024}},\
+  {ce: {weight: 1}, review: {student: [conv1, conv2, fc1], teacher: [stages.0, stages.1, stages.2], warmup_epochs: 2}},\
+  {ce: {weight: 1}, sp: {student: fc1, teacher: stages.2, weight: 3000}},\
+  {ce: {weight: 1}, rkd_distance: {student: fc1, teacher: stages.2, weight: 25}, rkd_angle: {student: fc1, teacher: stages.2, weight: 50}},\
+  {ce: {weight: 1}, pkt: {student: fc1, teacher: stages.2, weight: 30000}},\
+  {ce: {weight: 1}, cc: {student: fc1, teacher: stages.2, weight: 0.02}}
+.PHONY: methods
+methods: setup data
+	$(KD) sweep fashion_mnist_resnet $(METHODS) 'distill.losses=$(METHOD_LOSSES)' $(METHODS_EXTRA)
+	$(KD) report runs/methods --out runs/methods_report

@@ -4,6 +4,11 @@ Variants, each one full epoch over the Fashion-MNIST training split, interleaved
   baseline      the student with cross-entropy only
   kd/cached     0.5 CE + 0.5 KD, teacher logits looked up from the soft-label table
   kd/live       0.5 CE + 0.5 KD, teacher run on every batch (frozen, eval, inference mode)
+With `--hint STUDENT_PATH:TEACHER_PATH` (a FitNets hint between two modules, `kdistill inspect` lists
+them), two more:
+  hint/live     0.5 CE + 0.5 KD + the hint, the teacher run on every batch for its logits and features
+  hint/cached   the same from the soft-label table and the teacher's cached features (memory-mapped,
+                built once before timing; its build time is printed)
 With `--augment` (random crop after 2 pixels of padding and horizontal flips), three more:
   aug/baseline         the student with cross-entropy on augmented batches
   aug/kd-live          KD, the teacher run on every augmented batch
@@ -14,6 +19,7 @@ change the cost, so it is used untrained unless `--teacher-checkpoint` is given.
 
     make bench-overhead      # or: python benchmarks/overhead.py --rounds 5
     python -m benchmarks.overhead --device cuda --precision bf16   # on a GPU
+    python -m benchmarks.overhead --hint conv2:stages.1 --teacher resnet --teacher-kwargs '{"width": 32, "depth": 2}'
     python -m benchmarks.overhead --augment --teacher resnet --teacher-kwargs '{"width": 64, "blocks": [2, 2, 2]}'
 """
 
@@ -21,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +37,7 @@ from benchmarks.timing import check_environment, interleaved, median
 from kdistill.config import train_config
 from kdistill.data import Augment, BatchLoader, load_data
 from kdistill.distill import Distiller, teacher_logits
+from kdistill.distill.signals import cached_teacher_features
 from kdistill.losses import build_objective, cross_entropy_objective
 from kdistill.models import create_model
 from kdistill.train import Progress, fit, load_model
@@ -45,6 +54,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...: model, data and soft labels all live there")
     parser.add_argument("--augment", action="store_true", help="also time augmented training (crop and flip)")
     parser.add_argument("--views", type=int, default=8, help="views per sample of the cached-views table")
+    parser.add_argument("--hint", default=None, metavar="STUDENT_PATH:TEACHER_PATH",
+                        help="also time a FitNets hint between these modules, live and from cached features")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -77,6 +88,19 @@ def main() -> None:
         "kd/cached": lambda: epoch(lambda s: distiller(None, s, build_objective(kd, 4.0), soft_labels=table)),
         "kd/live": lambda: epoch(lambda s: distiller(teacher, s, build_objective(kd, 4.0))),
     }
+    if args.hint:
+        student_path, _, teacher_path = args.hint.partition(":")
+        hinted = {**kd, "hint": {"type": "fitnet", "student": student_path, "teacher": teacher_path}}
+        started = time.perf_counter()
+        scratch = tempfile.TemporaryDirectory()  # removed when the benchmark ends
+        features, _, _ = cached_teacher_features(teacher, batches(1000), "benchmark", (teacher_path,),
+                                                 len(data.train), Path(scratch.name))  # memory-mapped, as in runs
+        print(f"cached features ({teacher_path}): {len(data.train)} samples in {time.perf_counter() - started:.1f} s")
+        variants.update({
+            "hint/live": lambda: epoch(lambda s: distiller(teacher, s, build_objective(hinted, 4.0))),
+            "hint/cached": lambda: epoch(lambda s: distiller(None, s, build_objective(hinted, 4.0), soft_labels=table,
+                                                            teacher_features=features)),
+        })
     if args.augment:
         augment = Augment(crop_padding=2, hflip=True)
         fresh = batches(128, shuffle=True, augment=augment)

@@ -9,8 +9,8 @@ by path (`kdistill inspect RECIPE` lists them) and applies one function of kdist
 
 Where the two features differ in shape a term may own a `Connector`: built from the shapes seen on
 one batch (`Distiller.prepare`), trained with the student, saved and resumed with the term, and never
-part of the student's exported weights. The teacher runs live for these terms (its features are not
-cached yet).
+part of the student's exported weights. Without augmentation the teacher's features come from a cache
+(`cached_teacher_features`, memory-mapped), so these terms do not run the teacher at all.
 """
 
 from __future__ import annotations
