@@ -156,12 +156,11 @@ class PKT(TapTerm):
         return KF.pkt(*self.features(inputs))
 
 
-@register_loss("cc", "correlation congruence between embeddings of the two networks (Peng et al. 2019)")
-class CorrelationCongruence(TapTerm):
-    """Both features are flattened and mapped by a linear embedding to `dim` and L2-normalised, as
-    RepDistiller's `Embed` does; both embeddings train with the student. RepDistiller weights it 0.02."""
+class EmbeddingTerm(TapTerm):
+    """A TapTerm over embeddings: both features flattened, each mapped by its own linear layer to `dim`
+    and L2-normalised (RepDistiller's `Embed`); the two layers train with the student."""
 
-    def __init__(self, student: str, teacher: str, dim: int = 128):
+    def __init__(self, student: str, teacher: str, dim: int):
         super().__init__(student, teacher)
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
@@ -174,13 +173,24 @@ class CorrelationCongruence(TapTerm):
             self.embed_student = nn.Linear(student_features[self.student_path][0].numel(), self.dim)
             self.embed_teacher = nn.Linear(teacher_features[self.teacher_path][0].numel(), self.dim)
 
-    def forward(self, inputs: DistillInputs) -> Tensor:
-        student, teacher = self.features(inputs)
+    def embeddings(self, inputs: DistillInputs) -> tuple[Tensor, Tensor]:
         if self.embed_student is None:
-            raise RuntimeError("cc: its embeddings are built from the features' shapes first (Distiller.prepare)")
-        embed_s = F.normalize(self.embed_student(student.flatten(1).float()), dim=1)
-        embed_t = F.normalize(self.embed_teacher(teacher.flatten(1).float()), dim=1)
-        return KF.correlation_congruence(embed_s, embed_t)
+            raise RuntimeError(f"{type(self).__name__}: its embeddings are built from the features' shapes first "
+                               "(Distiller.prepare)")
+        student, teacher = self.features(inputs)
+        return (F.normalize(self.embed_student(student.flatten(1).float()), dim=1),
+                F.normalize(self.embed_teacher(teacher.flatten(1).float()), dim=1))
+
+
+@register_loss("cc", "correlation congruence between embeddings of the two networks (Peng et al. 2019)")
+class CorrelationCongruence(EmbeddingTerm):
+    """RepDistiller weights it 0.02."""
+
+    def __init__(self, student: str, teacher: str, dim: int = 128):
+        super().__init__(student, teacher, dim)
+
+    def forward(self, inputs: DistillInputs) -> Tensor:
+        return KF.correlation_congruence(*self.embeddings(inputs))
 
 
 @register_loss("fsp", "flow of solution procedure: Gram matrices between two layers of each network "
@@ -253,31 +263,24 @@ class VID(TapTerm):
 
 @register_loss("crd", "contrastive representation distillation: the student's embedding picks out the teacher's "
                       "of the same sample among many others (Tian et al. 2020)")
-class CRD(TapTerm):
-    """Both features are flattened, embedded to `dim` by a linear layer each and L2-normalised. Two
-    memory banks (a row per training sample, on the device, saved in checkpoints) hold momentum
-    averages of the embeddings; each sample is contrasted with `negatives` rows drawn from samples
-    of other classes (RepDistiller's default, 'exact' mode). The normalising constants are set from
-    the first batch. RepDistiller: dim 128, 16384 negatives, T = 0.07, momentum 0.5, weight 0.8.
-    The cost of a step grows with `negatives` (two [N, 1 + K, dim] gathers): on a CPU, fewer is faster.
-    One process only for now: under torchrun each process would update its own bank."""
+class CRD(EmbeddingTerm):
+    """Both features are embedded (`EmbeddingTerm`). Two memory banks (a row per training sample, on
+    the device, saved in checkpoints) hold momentum averages of the embeddings; each sample is
+    contrasted with `negatives` rows drawn from samples of other classes (RepDistiller's default,
+    'exact' mode). The normalising constants are set from the first batch. RepDistiller: dim 128,
+    16384 negatives, T = 0.07, momentum 0.5, weight 0.8. The cost of a step grows with `negatives`
+    (two [N, 1 + K, dim] gathers): on a CPU, fewer is faster. One process only for now: under
+    torchrun each process would update its own bank."""
 
     def __init__(self, student: str, teacher: str, dim: int = 128, negatives: int = 16384,
                  temperature: float = 0.07, momentum: float = 0.5):
-        super().__init__(student, teacher)
-        if dim < 1 or negatives < 1:
-            raise ValueError(f"dim and negatives must be >= 1, got {dim} and {negatives}")
+        super().__init__(student, teacher, dim)
+        if negatives < 1:
+            raise ValueError(f"negatives must be >= 1, got {negatives}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.dim, self.negatives, self.momentum = dim, negatives, float(momentum)
+        self.negatives, self.momentum = negatives, float(momentum)
         self.temperature = check_temperature(temperature)
-        self.embed_student: nn.Linear | None = None
-        self.embed_teacher: nn.Linear | None = None
-
-    def prepare(self, student_features, teacher_features) -> None:
-        if self.embed_student is None:
-            self.embed_student = nn.Linear(student_features[self.student_path][0].numel(), self.dim)
-            self.embed_teacher = nn.Linear(teacher_features[self.teacher_path][0].numel(), self.dim)
 
     def bind_training_set(self, labels: Tensor) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
@@ -307,13 +310,11 @@ class CRD(TapTerm):
         return self.by_class[draw]
 
     def forward(self, inputs: DistillInputs) -> Tensor:
-        if self.embed_student is None or not hasattr(self, "student_memory"):
-            raise RuntimeError("crd: its embeddings and memory banks are built before training (Distiller.prepare)")
+        if not hasattr(self, "student_memory"):
+            raise RuntimeError("crd: its memory banks are built before training (Distiller.prepare)")
         if inputs.index is None:
             raise ValueError("crd needs each batch's sample index: train with kdistill's BatchLoader")
-        student, teacher = self.features(inputs)
-        s = F.normalize(self.embed_student(student.flatten(1).float()), dim=1)
-        t = F.normalize(self.embed_teacher(teacher.flatten(1).float()), dim=1)
+        s, t = self.embeddings(inputs)
         n = len(self.sample_class)
         samples = inputs.index % n  # a cached view's row names view * n + sample
         rows = torch.cat([samples[:, None], self._negatives(samples)], dim=1)
