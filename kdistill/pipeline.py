@@ -187,7 +187,10 @@ class Pipeline:
             try:
                 with torch.no_grad():
                     logits = model.cpu().eval()(inputs)
-                features[role] = (logits, taps.pop())
+                try:
+                    features[role] = (logits, taps.pop())
+                except ValueError as error:  # a tap whose output is no tensor
+                    raise KdistillError(f"distill.losses ({role}): {error}") from None
             finally:
                 taps.remove()
         trial = copy.deepcopy(objective)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from kdistill import Distiller
 from kdistill.cli import main
@@ -117,3 +118,80 @@ def test_a_resumed_training_restores_the_connector(tmp_path):
         assert torch.equal(value, again.objective.state_dict()[key]), key
     for key, value in whole.student.state_dict().items():
         assert torch.equal(value, again.student.state_dict()[key]), key
+
+
+def test_a_tap_on_a_tuple_names_its_elements_and_takes_one():
+    from kdistill.distill import FeatureTaps
+
+    outer = Wrapper()
+    whole = FeatureTaps(outer, ["lstm"])
+    outer(torch.zeros(2, 5, 4))
+    with pytest.raises(ValueError, match=r"tap 'lstm': lstm returns a tuple of 2 \(tensor of shape \(2, 5, 3\), "
+                                         r"tuple of 2 .*not a tensor; tap one element of it: lstm#0, lstm#1"):
+        whole.pop()
+    picked = FeatureTaps(outer, ["lstm#0", "lstm#1#0"])
+    outer(torch.zeros(2, 5, 4))
+    features = picked.pop()
+    assert features["lstm#0"].shape == (2, 5, 3) and features["lstm#1#0"].shape == (1, 2, 3)
+    wrong = FeatureTaps(outer, ["lstm#2"])
+    outer(torch.zeros(2, 5, 4))
+    with pytest.raises(ValueError, match="'2' names no element"):
+        wrong.pop()
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 3, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0][:, -1]
+
+
+RECURRENT = '''
+import torch
+from torch import nn
+
+
+class Recurrent(nn.Module):
+    """Rows of an image as a sequence: an LSTM, whose output is a tuple, then a linear head."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.lstm = nn.LSTM(input_shape[2], 16, batch_first=True)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.lstm(x.flatten(1, 2))[0][:, -1])
+'''
+
+
+@pytest.mark.parametrize("tap, message", [
+    ("lstm", "distill.losses (student): tap 'lstm': lstm returns a tuple of 2 (tensor of shape (2, 8, 16), tuple "
+             "of 2 (tensor of shape (1, 2, 16), tensor of shape (1, 2, 16))), not a tensor; tap one element of it: "
+             "lstm#0, lstm#1"),
+    ("lstm#0", "distill.losses.sp: similarity_preserving: student and teacher features must share the batch"),
+    ("lstm#1#0", "distill.losses.sp: similarity_preserving: student and teacher features must share the batch"),
+])
+def test_a_recipe_chooses_the_element_of_a_tuple_output(tmp_path, capsys, monkeypatch, tap, message):
+    (tmp_path / "recurrent.py").write_text(RECURRENT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = run(tmp_path, "run", "student.name=recurrent:Recurrent", "student.kwargs={}",
+               f"distill.losses={{ce: {{}}, sp: {{student: '{tap}', teacher: body.fc1}}}}")
+    err = capsys.readouterr().err
+    if tap == "lstm#0":  # [N, 8, 16]: fine for SP, which flattens; it runs
+        assert code == 0, err
+        return
+    if tap == "lstm#1#0":  # h_n is [layers, N, 16]: the batch is not first, and SP says so
+        assert code == 2 and message in err and err.count("\n") == 1
+        return
+    assert code == 2 and err.strip() == f"kdistill: error: {message}"
+
+
+def test_a_pair_no_connector_can_join_is_one_line(tmp_path, capsys):
+    code = run(tmp_path, "run", "student.name=resnet", "student.kwargs={width: 4, depth: 1}",
+               "distill.losses={ce: {}, hint: {type: fitnet, student: stages.0, teacher: body.fc1}}")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert ("distill.losses.hint: no connector maps a student feature of shape (4, 8, 8) to a teacher feature of "
+            "shape (256,) (maps to maps, vectors to vectors)") in err
