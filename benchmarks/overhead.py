@@ -4,9 +4,9 @@ Variants, each one full epoch over the Fashion-MNIST training split, interleaved
   baseline      the student with cross-entropy only
   kd/cached     0.5 CE + 0.5 KD, teacher logits looked up from the soft-label table
   kd/live       0.5 CE + 0.5 KD, teacher run on every batch (frozen, eval, inference mode)
-With `--hint STUDENT_PATH:TEACHER_PATH` (a FitNets hint between two modules, `kdistill inspect` lists
-them), two more:
-  hint/live     0.5 CE + 0.5 KD + the hint, the teacher run on every batch for its logits and features
+With `--hint STUDENT_PATH:TEACHER_PATH` (a feature term between two modules, `kdistill inspect` lists
+them; `--hint-type`: fitnet, at, ...), two more:
+  hint/live     0.5 CE + 0.5 KD + the term, the teacher run on every batch for its logits and features
   hint/cached   the same from the soft-label table and the teacher's cached features (memory-mapped,
                 built once before timing; its build time is printed)
 With `--augment` (random crop after 2 pixels of padding and horizontal flips), three more:
@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--augment", action="store_true", help="also time augmented training (crop and flip)")
     parser.add_argument("--views", type=int, default=8, help="views per sample of the cached-views table")
     parser.add_argument("--hint", default=None, metavar="STUDENT_PATH:TEACHER_PATH",
-                        help="also time a FitNets hint between these modules, live and from cached features")
+                        help="also time a feature term between these modules, live and from cached features")
+    parser.add_argument("--hint-type", default="fitnet", help="the feature term of --hint (fitnet, at, nst, vid, ...)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -90,7 +91,7 @@ def main() -> None:
     }
     if args.hint:
         student_path, _, teacher_path = args.hint.partition(":")
-        hinted = {**kd, "hint": {"type": "fitnet", "student": student_path, "teacher": teacher_path}}
+        hinted = {**kd, "hint": {"type": args.hint_type, "student": student_path, "teacher": teacher_path}}
         started = time.perf_counter()
         scratch = tempfile.TemporaryDirectory()  # removed when the benchmark ends
         features, _, _ = cached_teacher_features(teacher, batches(1000), "benchmark", (teacher_path,),

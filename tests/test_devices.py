@@ -435,3 +435,11 @@ def test_batchnorm_statistics_agree_across_processes(tmp_path):
                      env={"PYTHONPATH": str(tmp_path), "KDISTILL_CACHE_DIR": str(cache)})
     assert done.returncode == 0, done.stderr
     assert len(list(cache.glob("*.safetensors"))) == 1
+
+
+def test_crd_refuses_several_processes(tmp_path):
+    done = _kdistill("run", DIGITS, f"out_dir={tmp_path}", *FAST, CPU, "--nproc", "2", "--quiet",
+                     "distill.losses={ce: {}, crd: {student: body.fc1, teacher: body.fc1, negatives: 8}}",
+                     env={"KDISTILL_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 2, done.stderr
+    assert "distill.losses.crd: crd keeps its memory bank in one process" in done.stderr

@@ -256,6 +256,7 @@ def check_training(train: DictConfig, prefix: str) -> None:
     _in_range(train.step_gamma, key("step_gamma"), 0, 1, open_low=True)
     _in_range(train.grad_clip, key("grad_clip"), 0, open_low=True, null_ok=True)
     _in_range(train.label_smoothing, key("label_smoothing"), 0, 1, open_high=True)
+    _in_range(train.ema_decay, key("ema_decay"), 0, 1, open_low=True, open_high=True, null_ok=True)
     _in_range(train.augment.crop_padding, key("augment.crop_padding"), 0, 64)
     _in_range(train.augment.cutout, key("augment.cutout"), 0, 4096)
     _in_range(train.augment.color_jitter, key("augment.color_jitter"), 0, 1)

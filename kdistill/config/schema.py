@@ -59,6 +59,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up, in epochs
     grad_clip: Optional[float] = None  # max global gradient norm; null = no clipping
     label_smoothing: float = 0.0  # for the cross-entropy of plain (teacher / baseline) training
+    ema_decay: Optional[float] = None  # validate, select and keep an average of the weights (e.g. 0.999); null = off
     precision: str = "fp32"  # fp32 | bf16 (autocast on CPU and CUDA) | fp16 (CUDA, with a gradient scaler)
     compile: bool = False  # torch.compile the student (and the teacher's inference); falls back to eager
     log_every_steps: int = 50  # read the running loss back from the device this often (a host sync)

@@ -217,8 +217,13 @@ class Distiller(nn.Module):
             if labels is None:
                 raise KdistillError(f"{type(binders[0]).__name__} needs the training set's labels and each batch's "
                                     "sample index: train it with kdistill's BatchLoader")
-            for term in binders:
-                term.bind_training_set(labels.to(self.device, torch.long))
+            labels = labels.to(self.device, torch.long)
+            for label, term in self.objective.terms.items():
+                if term in binders:
+                    try:
+                        term.bind_training_set(labels)
+                    except ValueError as error:
+                        raise KdistillError(f"distill.losses.{label}: {error}") from None
 
     def warn_if_teacher_untrained(self, loader) -> None:
         """Warn when the teacher is no better than chance on the first batches: distilling from it teaches noise."""

@@ -121,6 +121,14 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of `tensors` in every process."""
+    if not active():
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor, src=0)
+
+
 def agree(text: str, what: str) -> None:
     """Refuse to go on unless every process holds the same `text` (its config, say)."""
     if not active():

@@ -7,6 +7,7 @@ epoch appends a line to metrics.jsonl and writes a resumable training state atom
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from kdistill.errors import KdistillError
 from kdistill.storage import atomic_write_text
 from kdistill.train import distributed
+from kdistill.train.averaging import WeightAverage
 from kdistill.train.checkpoint import (
     load_optimizer,
     load_tensors,
@@ -290,6 +292,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
     step_function = _step_function(distiller, device)
     optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a no-op unless fp16
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None  # what is validated and kept
     steps_per_epoch = len(train_loader)
     result = FitResult()
     best_state: dict[str, Tensor] | None = None
@@ -304,7 +307,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
             out_dir.mkdir(parents=True, exist_ok=True)
         if resume and (out_dir / STATE_FILE).exists():
             position, best_state = _restore(distiller, optimizer, scaler, out_dir, result, started_from,
-                                            steps_per_epoch, device)
+                                            steps_per_epoch, device, average)
             where = f"epoch {position.epoch}" if not position.step else \
                 f"step {position.step} of epoch {position.epoch + 1}"
             progress.line(f"[{label}] resuming after {where}")
@@ -348,6 +351,8 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                 # DDP's mean of the processes' gradients is the gradient of the global batch's mean loss.
                 share = getattr(batch, "share", 1.0)
                 _optimize(loss if share == 1.0 else loss * share, optimizer, scaler, cfg.grad_clip)
+                if average is not None:
+                    average.update(step)
                 meter.add(step, loss, logits, labels, terms)
                 done = step_in_epoch + 1
                 if done % cfg.log_every_steps == 0 and done < steps_per_epoch:
@@ -361,7 +366,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                     if main:
                         _save_state(distiller, optimizer, out_dir, result, Position(
                             epoch, done, since_best=position.since_best, meter=totals, rng=rng, seconds=elapsed),
-                            best_state, started_from, scaler)
+                            best_state, started_from, scaler, average)
             running = meter.read(where)  # a host sync: the epoch's work is done when the clock stops
             seconds = seconds_before + time.perf_counter() - started
 
@@ -371,17 +376,18 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
             result.train_seconds += seconds
             result.train_samples += samples
             distributed.broadcast_buffers(model)  # BatchNorm statistics: each process saw its own shard
+            if average is not None:
+                distributed.broadcast_tensors(list(average.shadow.values()))  # so did their averages
             improved = True
-            if val_loader is not None:
-                accuracy, nll = compilation.call(validate, model, val_loader)
-                record.update(val_accuracy=accuracy, val_loss=nll)
-                improved = result.best_val_accuracy is None or accuracy > result.best_val_accuracy
-            if improved:
-                result.best_epoch, result.best_val_accuracy = epoch + 1, record.get("val_accuracy")
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                position.since_best = 0
-            else:
-                position.since_best += 1
+            with average.applied() if average is not None else contextlib.nullcontext():
+                if val_loader is not None:
+                    accuracy, nll = compilation.call(validate, model, val_loader)
+                    record.update(val_accuracy=accuracy, val_loss=nll)
+                    improved = result.best_val_accuracy is None or accuracy > result.best_val_accuracy
+                if improved:
+                    result.best_epoch, result.best_val_accuracy = epoch + 1, record.get("val_accuracy")
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            position.since_best = 0 if improved else position.since_best + 1
             result.history.append(record)
             patience = cfg.early_stop_patience
             result.stopped_early = patience is not None and position.since_best >= patience
@@ -390,7 +396,8 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                 with open(out_dir / METRICS_FILE, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 _save_state(distiller, optimizer, out_dir, result,
-                            Position(epoch + 1, 0, since_best=position.since_best), best_state, started_from, scaler)
+                            Position(epoch + 1, 0, since_best=position.since_best), best_state, started_from, scaler,
+                            average)
             if result.stopped_early:
                 progress.line(f"[{label}] early stop: no better val accuracy for {position.since_best} epochs")
                 break
@@ -414,11 +421,13 @@ def _plain(cfg) -> dict:
 
 
 def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, position: Position,
-                best_state: dict[str, Tensor] | None, started_from: dict, scaler) -> None:
+                best_state: dict[str, Tensor] | None, started_from: dict, scaler,
+                average: WeightAverage | None = None) -> None:
     """One atomic file: weights, loss-term parameters, optimizer, best weights, history, position."""
     tensors = {f"model.{k}": v for k, v in distiller.student.state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in (best_state or {}).items()})
     tensors.update({f"objective.{k}": v for k, v in distiller.objective.state_dict().items()})
+    tensors.update({f"average.{k}": v for k, v in (average.state_dict() if average is not None else {}).items()})
     tensors.update({f"meter.{k}": v for k, v in (position.meter or {}).items()})
     tensors.update({f"rng.{rank}.{k}": v for rank, state in enumerate(position.rng or []) for k, v in state.items()})
     optim_tensors, optim_meta = save_optimizer(optimizer)
@@ -482,7 +491,8 @@ NUMERICS_FIXES = {"threads": "set threads={}", "torch": "use torch {}", "device"
 
 
 def _restore(distiller, optimizer, scaler, out_dir: Path, result: FitResult, started_from: dict,
-             steps_per_epoch: int, device: torch.device) -> tuple[Position, dict[str, Tensor]]:
+             steps_per_epoch: int, device: torch.device,
+             average: WeightAverage | None = None) -> tuple[Position, dict[str, Tensor]]:
     path = out_dir / STATE_FILE
     tensors, meta = load_tensors(path)
     try:
@@ -524,6 +534,8 @@ def _restore(distiller, optimizer, scaler, out_dir: Path, result: FitResult, sta
     try:
         distiller.student.load_state_dict(part("model."))
         distiller.objective.load_state_dict(part("objective."))
+        if average is not None:
+            average.load_state_dict(part("average."))
         load_optimizer(optimizer, tensors, meta["optimizer"])
         if scaler.is_enabled() and scaler_state:
             scaler.load_state_dict(scaler_state)
