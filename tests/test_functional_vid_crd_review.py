@@ -316,3 +316,18 @@ def test_two_stage_fitnets_trains_the_hint_first_then_distils(tmp_path):
     assert history[0]["train_hint"] > 0 and history[0]["train_kd"] == 0 and history[0]["train_ce"] == 0
     assert history[1]["train_hint"] == 0 and history[1]["train_kd"] > 0
 
+
+
+@pytest.mark.filterwarnings("ignore:the teacher gets")  # untrained on purpose
+def test_crds_memory_bank_has_a_row_per_training_sample_whatever_the_validation_set():
+    generator = torch.Generator().manual_seed(0)
+    train = ImageSet(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=generator),
+                     torch.arange(40) % 3)
+    val = ImageSet(train.images[:12], train.labels[:12])
+    teacher = create_model("resnet", (1, 8, 8), 3, width=8, depth=1)
+    objective = build_objective({"ce": {}, "crd": {"student": "stages.2", "teacher": "stages.2", "negatives": 4}})
+    distiller = Distiller(teacher, create_model("resnet", (1, 8, 8), 3, width=4, depth=1), objective)
+    distiller.fit(BatchLoader(train, 8, mean=(0.5,), std=(0.25,), shuffle=True), epochs=1, progress="quiet",
+                  val_loader=BatchLoader(val, 6, mean=(0.5,), std=(0.25,)))
+    crd = distiller.objective.terms["crd"]
+    assert crd.student_memory.shape == (40, 128) and torch.equal(crd.sample_class, train.labels)

@@ -181,10 +181,11 @@ class Distiller(nn.Module):
         return parts
 
     @torch.no_grad()
-    def prepare(self, loader) -> None:
+    def prepare(self, loader, train_loader=None) -> None:
         """Let each loss term create what depends on the tapped features' shapes (connectors, embeddings),
-        from the models' features on the loader's first 8 inputs; before the optimizer is built or a
-        state restored. Nothing trains: both models run in eval mode and are left as they were."""
+        from the models' features on the loader's first 8 inputs, and what depends on the training set
+        (`train_loader`'s, else `loader`'s); before the optimizer is built or a state restored. Nothing
+        trains: both models run in eval mode and are left as they were."""
         terms = [term for term in self.objective.terms.values()
                  if type(term).prepare is not LossTerm.prepare or type(term).bind_training_set is not
                  LossTerm.bind_training_set]
@@ -213,7 +214,7 @@ class Distiller(nn.Module):
         binders = [t for t in self.objective.terms.values()
                    if type(t).bind_training_set is not LossTerm.bind_training_set]
         if binders:
-            labels = getattr(getattr(loader, "data", None), "labels", None)
+            labels = getattr(getattr(train_loader or loader, "data", None), "labels", None)
             if labels is None:
                 raise KdistillError(f"{type(binders[0]).__name__} needs the training set's labels and each batch's "
                                     "sample index: train it with kdistill's BatchLoader")

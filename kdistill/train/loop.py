@@ -288,7 +288,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                             "raise the batch size or start fewer processes")
     prepare = getattr(distiller, "prepare", None)  # terms' connectors exist before the optimizer and DDP see them
     if prepare is not None:
-        prepare(val_loader if val_loader is not None else train_loader)
+        prepare(val_loader if val_loader is not None else train_loader, train_loader)
     step_function = _step_function(distiller, device)
     optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a no-op unless fp16
