@@ -50,7 +50,7 @@ from kdistill.distill.signals import (
 from kdistill.distill.taps import check_tap_paths
 from kdistill.errors import KdistillError
 from kdistill.evaluation import gap_recovered, latency_ms, machine_load, model_metrics
-from kdistill.losses import DistillInputs, LossTerm, build_objective, cross_entropy_objective
+from kdistill.losses import DistillInputs, build_objective, cross_entropy_objective
 from kdistill.models import count_parameters, create_model, output_classes
 from kdistill.report import ROLES, comparison_table, write_report
 from kdistill.storage import atomic_write_text, exclusive_lock, remove_stale_temporaries
@@ -198,7 +198,7 @@ class Pipeline:
         for label, term in trial.terms.items():
             try:
                 term.prepare(features["student"][1], features["teacher"][1])
-                if type(term).bind_training_set is not LossTerm.bind_training_set:
+                if term.needs_training_set:
                     term.bind_training_set(self.data.train.labels.long())
                 term(DistillInputs(features["student"][0], labels, features["teacher"][0], features["student"][1],
                                    features["teacher"][1], index=torch.arange(len(inputs))))

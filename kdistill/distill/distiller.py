@@ -187,8 +187,7 @@ class Distiller(nn.Module):
         (`train_loader`'s, else `loader`'s); before the optimizer is built or a state restored. Nothing
         trains: both models run in eval mode and are left as they were."""
         terms = [term for term in self.objective.terms.values()
-                 if type(term).prepare is not LossTerm.prepare or type(term).bind_training_set is not
-                 LossTerm.bind_training_set]
+                 if type(term).prepare is not LossTerm.prepare or term.needs_training_set]
         if not terms:
             return
         with torch.random.fork_rng(devices=[]):
@@ -211,20 +210,18 @@ class Distiller(nn.Module):
         for term in terms:
             term.prepare(student_features, teacher_features)
         self.objective.to(self.device)
-        binders = [t for t in self.objective.terms.values()
-                   if type(t).bind_training_set is not LossTerm.bind_training_set]
+        binders = {label: term for label, term in self.objective.terms.items() if term.needs_training_set}
         if binders:
             labels = getattr(getattr(train_loader or loader, "data", None), "labels", None)
             if labels is None:
-                raise KdistillError(f"{type(binders[0]).__name__} needs the training set's labels and each batch's "
-                                    "sample index: train it with kdistill's BatchLoader")
+                raise KdistillError(f"{type(next(iter(binders.values()))).__name__} needs the training set's labels "
+                                    "and each batch's sample index: train it with kdistill's BatchLoader")
             labels = labels.to(self.device, torch.long)
-            for label, term in self.objective.terms.items():
-                if term in binders:
-                    try:
-                        term.bind_training_set(labels)
-                    except ValueError as error:
-                        raise KdistillError(f"distill.losses.{label}: {error}") from None
+            for label, term in binders.items():
+                try:
+                    term.bind_training_set(labels)
+                except ValueError as error:
+                    raise KdistillError(f"distill.losses.{label}: {error}") from None
 
     def warn_if_teacher_untrained(self, loader) -> None:
         """Warn when the teacher is no better than chance on the first batches: distilling from it teaches noise."""

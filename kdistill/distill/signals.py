@@ -504,7 +504,7 @@ def cached_teacher_features(teacher: nn.Module, loader, logits_key: str, taps: S
         for dtype in (np.float16, np.float32):  # fp32 only if a feature overflows fp16
             if _write_features(teacher, loader, taps, files, num_samples, precision, dtype):
                 break
-        tables, problem = _read_features(files, num_samples)
+        tables, problem = _read_features(files, num_samples, scan=False)  # checked while written
         if tables is None:
             raise KdistillError(f"teacher-feature cache entry {problem} right after it was written: is "
                                 f"{cache_dir} on a sound disk?")
@@ -558,9 +558,9 @@ class _Overflow(Exception):
     """A feature value beyond the storage dtype's range."""
 
 
-def _read_features(files: list[Path], num_samples: int) -> tuple[list[Tensor] | None, str]:
-    """Each file as a memory-mapped tensor, or None and what is wrong ("" when a file is simply missing).
-    Copy-on-write: nothing a training does can change the files."""
+def _read_features(files: list[Path], num_samples: int, scan: bool = True) -> tuple[list[Tensor] | None, str]:
+    """Each file as a memory-mapped tensor, or None and what is wrong ("" when a file is simply missing);
+    `scan` reads every value to refuse NaN and inf. Copy-on-write: nothing a training does can change the files."""
     tables = []
     for file in files:
         if not file.exists():
@@ -572,7 +572,7 @@ def _read_features(files: list[Path], num_samples: int) -> tuple[list[Tensor] | 
         if array.dtype not in (np.float16, np.float32) or array.ndim < 2 or array.shape[0] != num_samples:
             return None, f"{file} holds {array.dtype} of shape {array.shape} for {num_samples} samples"
         table = torch.from_numpy(array)
-        for start in range(0, num_samples, 8192):  # a chunk at a time: the table may not fit in memory
+        for start in range(0, num_samples if scan else 0, 8192):  # a chunk at a time: it may not fit in memory
             if not torch.isfinite(table[start:start + 8192]).all():
                 return None, f"{file} holds NaN or inf"
         tables.append(table)

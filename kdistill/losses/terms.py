@@ -45,6 +45,11 @@ class LossTerm(nn.Module):
         """Create what depends on the training set, given every training sample's class (a memory bank
         with a row per sample, say); called once before training, after `prepare`, on the device."""
 
+    @property
+    def needs_training_set(self) -> bool:
+        """Whether this term does anything in `bind_training_set`."""
+        return type(self).bind_training_set is not LossTerm.bind_training_set
+
     def teacher_logits(self, inputs: DistillInputs) -> Tensor:
         if inputs.teacher_logits is None:
             raise RuntimeError(f"{type(self).__name__} needs teacher logits but none were given")
@@ -180,17 +185,24 @@ class Objective(nn.Module):
         self.schedules = {label: s for label, s in (schedules or {}).items() if s != TermSchedule()}
         # The warm-up factors live on the device: a Python float changing every epoch would recompile a
         # compiled step each time. Not saved: set_epoch recomputes them on resume.
-        self._ramped = [label for label, s in self.schedules.items() if s.warmup_epochs > 0]
+        ramped = [label for label, schedule in self.schedules.items() if schedule.warmup_epochs > 0]
+        self._ramped = {label: i for i, label in enumerate(ramped)}  # label -> its factor's position in `ramp`
         self.register_buffer("ramp", torch.ones(len(self._ramped)), persistent=False)
         self._active = [label for label, w in self.weights.items() if w > 0]
+
+    def _factors(self, epoch: int) -> dict[str, float]:
+        """Each term's weight factor in 0-based `epoch` (0: it does not count then)."""
+        return {label: self.schedules[label].factor(epoch) if label in self.schedules else 1.0 for label in self.terms}
+
+    def _counting(self, factors: dict[str, float]) -> list[str]:
+        return [label for label, w in self.weights.items() if w > 0 and factors[label] > 0]
 
     def set_epoch(self, epoch: int) -> None:
         """Switch terms on and off and set their warm-up factors for 0-based `epoch`."""
         if not self.schedules:
             return
-        factors = {label: self.schedules[label].factor(epoch) if label in self.schedules else 1.0
-                   for label in self.terms}
-        active = [label for label, w in self.weights.items() if w > 0 and factors[label] > 0]
+        factors = self._factors(epoch)
+        active = self._counting(factors)
         if not active:
             raise ValueError(f"no loss term counts in epoch {epoch + 1} (from_epoch / until_epoch leave a gap)")
         self._active = active
@@ -200,8 +212,7 @@ class Objective(nn.Module):
     def check_epochs(self, epochs: int) -> None:
         """Raise ValueError when some epoch of `epochs` would have no term (a gap between the windows)."""
         for epoch in range(epochs):
-            if not any(self.weights[label] > 0 and (label not in self.schedules or self.schedules[label].factor(epoch))
-                       for label in self.terms):
+            if not self._counting(self._factors(epoch)):
                 raise ValueError(f"no loss term counts in epoch {epoch + 1} of {epochs}: widen a term's "
                                  "from_epoch / until_epoch")
 
@@ -219,7 +230,7 @@ class Objective(nn.Module):
 
     def forward(self, inputs: DistillInputs) -> tuple[Tensor, dict[str, Tensor]]:
         values = {label: self.terms[label](inputs) for label in self._active}
-        total = sum(self.weights[label] * (self.ramp[self._ramped.index(label)] if label in self._ramped else 1.0) * v
+        total = sum(self.weights[label] * (self.ramp[self._ramped[label]] if label in self._ramped else 1.0) * v
                     for label, v in values.items())
         logged = {label: v.detach() for label, v in values.items()}
         for label, weight in self.weights.items():  # a term outside its epochs: reported as 0

@@ -115,10 +115,7 @@ def gather(value) -> list:
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) in every process: each updated them on its own shard, so
     validation, the best weights and the teacher a later step uses would otherwise differ between processes."""
-    if not active():
-        return
-    for buffer in module.buffers():
-        dist.broadcast(buffer, src=0)
+    broadcast_tensors(list(module.buffers()))
 
 
 def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
