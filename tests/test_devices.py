@@ -437,9 +437,13 @@ def test_batchnorm_statistics_agree_across_processes(tmp_path):
     assert len(list(cache.glob("*.safetensors"))) == 1
 
 
-def test_crd_refuses_several_processes(tmp_path):
+def test_crd_trains_under_two_processes(tmp_path):
+    """CRD's memory banks under torchrun: every process applies every process's updates (the banks' equality
+    is tested in test_functional_vid_crd_review.py); here the whole run goes through."""
     done = _kdistill("run", DIGITS, f"out_dir={tmp_path}", *FAST, CPU, "--nproc", "2", "--quiet",
+                     "eval.latency_batches=[1]",
                      "distill.losses={ce: {}, crd: {student: body.fc1, teacher: body.fc1, negatives: 8}}",
                      env={"KDISTILL_CACHE_DIR": str(tmp_path / "cache")})
-    assert done.returncode == 2, done.stderr
-    assert "distill.losses.crd: crd keeps its memory bank in one process" in done.stderr
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(next(tmp_path.glob("*/metrics.json")).read_text())
+    assert 0 <= metrics["student"]["test_accuracy"] <= 1

@@ -133,3 +133,17 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(target, crash)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unlabelled_batch_trains_label_free_terms_and_is_refused_by_terms_that_read_labels():
+    student, table = mlp(8), torch.randn(64, 3)
+    inputs, index = torch.randn(16, 1, 4, 4), torch.arange(16)
+    loss, _, terms = Distiller(None, student, {"kd": {}, "js": {"weight": 0.5}}, soft_labels=table).training_step(
+        inputs, None, index)
+    assert torch.isfinite(loss) and set(terms) == {"kd", "js"}
+    for losses, named in (({"ce": {"weight": 0.1}, "kd": {"weight": 0.9}}, "distill.losses.ce"),
+                          ({"dkd": {}}, "distill.losses.dkd")):
+        with pytest.raises(KdistillError, match=f"no labels, but the true class is read by {named}"):
+            Distiller(None, mlp(8), losses, soft_labels=table).training_step(inputs, None, index)
+    # A term switched off (weight 0) does not count.
+    Distiller(None, mlp(8), {"ce": {"weight": 0}, "kd": {}}, soft_labels=table).training_step(inputs, None, index)

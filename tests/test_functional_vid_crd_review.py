@@ -120,8 +120,8 @@ def test_the_crd_term_matches_repdistiller_over_two_steps():
     n, dim, k = 40, 5, 7
     labels = torch.arange(n) % 4
     term = _crd_term(n, dim, k)
-    term.bind_training_set(labels)
-    memory_s, memory_t, z = term.student_memory.clone(), term.teacher_memory.clone(), [-1.0, -1.0]
+    term.bind_training_set(labels, 6)
+    memory_s, memory_t, z = term.student_memory[:n].clone(), term.teacher_memory[:n].clone(), [-1.0, -1.0]
     for _ in range(2):
         index = torch.randperm(n)[:6]
         fs, ft = torch.randn(6, 6), torch.randn(6, 9)
@@ -137,15 +137,15 @@ def test_the_crd_term_matches_repdistiller_over_two_steps():
                                                                        0.07, z, 0.5)
         expected = official_contrast_loss(out_s, n) + official_contrast_loss(out_t, n)
         torch.testing.assert_close(ours, expected.squeeze(), rtol=1e-5, atol=0)
-        torch.testing.assert_close(term.student_memory, memory_s, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(term.teacher_memory, memory_t, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(term.student_memory[:n], memory_s, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(term.teacher_memory[:n], memory_t, rtol=1e-5, atol=1e-7)
         assert torch.isclose(term.log_z.exp(), torch.tensor(z), rtol=1e-5).all()
 
 
 def test_crd_negatives_come_from_other_classes():
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
     term = _crd_term(len(labels), 4, 500)
-    term.bind_training_set(labels)
+    term.bind_training_set(labels, 10)
     index = torch.arange(len(labels))
     negatives = term._negatives(index)
     assert negatives.shape == (10, 500)
@@ -154,10 +154,49 @@ def test_crd_negatives_come_from_other_classes():
         assert set(negatives[i].tolist()) == set(torch.nonzero(labels != labels[i]).flatten().tolist())
 
 
-def test_crd_needs_two_classes_and_one_process():
+def test_crd_needs_two_classes():
     term = _crd_term(4, 4, 3)
     with pytest.raises(ValueError, match="at least two"):
-        term.bind_training_set(torch.zeros(4, dtype=torch.long))
+        term.bind_training_set(torch.zeros(4, dtype=torch.long), 4)
+
+
+def _crd_steps(rank, world, init_file, out_dir, n, rows):
+    """Rank `rank` of `world` processes (gloo): two CRD training steps on its share of each global batch
+    (the rows BatchLoader gives it); its banks and Z are saved for the test to compare."""
+    from safetensors.torch import save_file
+
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    labels = torch.arange(n) % 3
+    term = _crd_term(n, 5, 4)
+    term.bind_training_set(labels, -(-rows // world))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        index = torch.randperm(n, generator=generator)[:rows]
+        fs, ft = torch.randn(rows, 6, generator=generator), torch.randn(rows, 9, generator=generator)
+        share = slice(rank * rows // world, (rank + 1) * rows // world)
+        term(DistillInputs(torch.zeros(rows, 4)[share], labels[index][share], student_features={"s": fs[share]},
+                           teacher_features={"t": ft[share]}, index=index[share]))
+    save_file({"student": term.student_memory, "teacher": term.teacher_memory, "log_z": term.log_z},
+              f"{out_dir}/rank{rank}_of_{world}.safetensors")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("rows", [8, 7])  # 7: the processes' shares differ (3 and 4 rows)
+def test_crd_banks_under_two_processes_equal_one_process_banks(tmp_path, rows):
+    """Every process applies every process's memory update, so the banks stay equal across processes and
+    equal to one process's on the same global batches (the negatives differ, the updates do not)."""
+    from safetensors.torch import load_file
+
+    _crd_steps(0, 1, None, tmp_path, 30, rows)
+    torch.multiprocessing.spawn(_crd_steps, args=(2, tmp_path / "init", tmp_path, 30, rows), nprocs=2)
+    alone, *ranks = (load_file(tmp_path / f"rank{r}_of_{w}.safetensors") for r, w in ((0, 1), (0, 2), (1, 2)))
+    for name in ("student", "teacher"):
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0][name][:30], alone[name][:30], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ranks[0]["log_z"], ranks[1]["log_z"], rtol=0, atol=0)
 
 
 # -- ReviewKD ------------------------------------------------------------------------------------
@@ -330,4 +369,4 @@ def test_crds_memory_bank_has_a_row_per_training_sample_whatever_the_validation_
     distiller.fit(BatchLoader(train, 8, mean=(0.5,), std=(0.25,), shuffle=True), epochs=1, progress="quiet",
                   val_loader=BatchLoader(val, 6, mean=(0.5,), std=(0.25,)))
     crd = distiller.objective.terms["crd"]
-    assert crd.student_memory.shape == (40, 128) and torch.equal(crd.sample_class, train.labels)
+    assert crd.student_memory.shape == (40 + 1, 128) and torch.equal(crd.sample_class, train.labels)  # + scratch

@@ -115,13 +115,18 @@ class Distiller(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.student.parameters(), *self.objective.parameters()]
 
-    def training_step(self, inputs: Tensor, labels: Tensor, index: Tensor | None = None
+    def training_step(self, inputs: Tensor, labels: Tensor | None, index: Tensor | None = None
                       ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """One batch: returns (total loss, student logits, each term's value by label)."""
+        """One batch: returns (total loss, student logits, each term's value by label). `labels` is None
+        for an unlabelled batch, which only terms that do not read labels can learn from."""
+        if labels is None and self.objective.labelled_terms:
+            terms = ", ".join(f"distill.losses.{label}" for label in self.objective.labelled_terms)
+            raise KdistillError(f"this batch has no labels, but the true class is read by {terms}: train on "
+                                "unlabelled samples with terms that only need the teacher (kd, js, dist, ...)")
         logits = _run_model(f"student ({type(self.student).__name__})", self.student, inputs)
         student_features = self.student_taps.pop() if self.student_taps else {}
         teacher = None
-        if labels.ndim == 2 and isinstance(self.signal, CachedTeacher):
+        if labels is not None and labels.ndim == 2 and isinstance(self.signal, CachedTeacher):
             raise KdistillError("this batch is mixed (mixup or cutmix: its labels are class probabilities) but the "
                                 "teacher's logits are cached for unmixed samples: distill mixed batches with a live "
                                 "teacher")
@@ -217,9 +222,12 @@ class Distiller(nn.Module):
                 raise KdistillError(f"{type(next(iter(binders.values()))).__name__} needs the training set's labels "
                                     "and each batch's sample index: train it with kdistill's BatchLoader")
             labels = labels.to(self.device, torch.long)
+            source = train_loader or loader
+            # kdistill's BatchLoader's batch_size is the global batch: a process holds at most its even share
+            max_batch = -(-source.batch_size // getattr(source, "world_size", 1))
             for label, term in binders.items():
                 try:
-                    term.bind_training_set(labels)
+                    term.bind_training_set(labels, max_batch)
                 except ValueError as error:
                     raise KdistillError(f"distill.losses.{label}: {error}") from None
 

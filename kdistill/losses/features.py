@@ -269,8 +269,11 @@ class CRD(EmbeddingTerm):
     contrasted with `negatives` rows drawn from samples of other classes (RepDistiller's default,
     'exact' mode). The normalising constants are set from the first batch. RepDistiller: dim 128,
     16384 negatives, T = 0.07, momentum 0.5, weight 0.8. The cost of a step grows with `negatives`
-    (two [N, 1 + K, dim] gathers): on a CPU, fewer is faster. One process only for now: under
-    torchrun each process would update its own bank."""
+    (two [N, 1 + K, dim] gathers): on a CPU, fewer is faster. Under torchrun every process holds the
+    whole banks and applies every process's update of each step (`_from_every_process`), so the banks
+    stay equal, and equal to one process's on the same global batches."""
+
+    needs_labels = True  # its negatives are samples of other classes
 
     def __init__(self, student: str, teacher: str, dim: int = 128, negatives: int = 16384,
                  temperature: float = 0.07, momentum: float = 0.5):
@@ -282,18 +285,17 @@ class CRD(EmbeddingTerm):
         self.negatives, self.momentum = negatives, float(momentum)
         self.temperature = check_temperature(temperature)
 
-    def bind_training_set(self, labels: Tensor) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
-            raise ValueError("crd keeps its memory bank in one process: train it in one process (no torchrun, "
-                             "no --nproc) for now")
+    def bind_training_set(self, labels: Tensor, max_batch: int) -> None:
         classes = torch.bincount(labels)
         if int((classes > 0).sum()) < 2:
             raise ValueError("crd draws its negatives from other classes: the training set needs at least two")
         n, device = len(labels), labels.device
         bound = 1 / math.sqrt(self.dim / 3)
-        for name in ("student_memory", "teacher_memory"):  # as RepDistiller starts them; saved and resumed
-            self.register_buffer(name, (torch.rand(n, self.dim, device=device) * 2 - 1) * bound)
+        # As RepDistiller starts them; saved and resumed. Row n is scratch: under torchrun a process whose
+        # batch is shorter pads its share of the step's update with it.
+        for name in ("student_memory", "teacher_memory"):
+            self.register_buffer(name, (torch.rand(n + 1, self.dim, device=device) * 2 - 1) * bound)
+        self._max_batch = max_batch
         self.register_buffer("log_z", torch.full((2,), math.nan, device=device))  # NaN: not set yet
         # Samples sorted by class: the negatives of a class-c sample are drawn from outside c's block.
         self.register_buffer("by_class", torch.argsort(labels, stable=True), persistent=False)
@@ -325,14 +327,42 @@ class CRD(EmbeddingTerm):
         with torch.no_grad():  # Z = mean(exp(score)) * n on the first batch (CRD's estimate), then fixed
             first = torch.stack([torch.logsumexp(x.detach(), dim=(0, 1)) for x in scores])
             first = first - math.log(rows.numel()) + math.log(n)
+            if self.training and _processes() > 1:  # the mean of the processes' estimates: one Z for all
+                torch.distributed.all_reduce(first)
+                first /= _processes()
             self.log_z.copy_(torch.where(torch.isnan(self.log_z), first, self.log_z))
         loss = KF.crd_nce(scores[0] - self.log_z[0], n) + KF.crd_nce(scores[1] - self.log_z[1], n)
         if self.training:
             with torch.no_grad():
+                samples, s, t = self._from_every_process(samples, s.detach(), t.detach())
                 for memory, embedding in ((self.student_memory, s), (self.teacher_memory, t)):
                     memory.index_copy_(0, samples, F.normalize(
-                        memory[samples] * self.momentum + embedding.detach() * (1 - self.momentum), dim=1))
+                        memory[samples] * self.momentum + embedding * (1 - self.momentum), dim=1))
         return loss
+
+    def _from_every_process(self, samples: Tensor, *rows: Tensor) -> list[Tensor]:
+        """This step's `samples` and `rows` of every process, in rank order (as is in one process). Each
+        process's share is padded to the largest batch a process can have, with the scratch row."""
+        world = _processes()
+        if world == 1:
+            return [samples, *rows]
+        pad = self._max_batch - len(samples)
+        if pad < 0:
+            raise ValueError(f"crd: a batch of {len(samples)} rows in one process, more than the {self._max_batch} "
+                             "its training set was bound for")
+        gathered = []
+        for x, fill in ((samples, len(self.sample_class)), *((r, 0) for r in rows)):
+            x = torch.cat([x, x.new_full((pad, *x.shape[1:]), fill)])
+            parts = [torch.empty_like(x) for _ in range(world)]
+            torch.distributed.all_gather(parts, x)
+            gathered.append(torch.cat(parts))
+        return gathered
+
+
+def _processes() -> int:
+    """The number of processes training together (torchrun's world size), 1 outside a process group."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _AttentionFusion(nn.Module):

@@ -21,7 +21,9 @@ def _non_negative(name: str, value: float) -> float:
 @register_loss("dkd", "decoupled KD: alpha * target-class KD + beta * non-target-class KD (Zhao et al. 2022)")
 class DKD(LossTerm):
     """Defaults are the paper's CIFAR-100 ones (alpha 1, beta 8, T 4). The official code also ramps the
-    term up linearly over its first 20 epochs; here the weight is constant."""
+    term up linearly over its first 20 epochs: give the term `warmup_epochs: 20` for that."""
+
+    needs_labels = True  # it separates the target class from the others
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
         super().__init__()

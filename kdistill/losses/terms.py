@@ -24,7 +24,7 @@ class DistillInputs:
     """Everything a loss term may read for one batch."""
 
     student_logits: Tensor
-    labels: Tensor
+    labels: Tensor | None  # None: an unlabelled batch, for terms that do not read labels
     teacher_logits: Tensor | None = None
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
@@ -35,15 +35,17 @@ class LossTerm(nn.Module):
     """Base class: subclasses implement `forward(inputs) -> scalar tensor`."""
 
     needs_teacher: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = False  # reads each sample's true class (an unlabelled batch is refused)
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 
     def prepare(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
         """Create what depends on the tapped features' shapes (called once on one batch, before training)."""
 
-    def bind_training_set(self, labels: Tensor) -> None:
+    def bind_training_set(self, labels: Tensor, max_batch: int) -> None:
         """Create what depends on the training set, given every training sample's class (a memory bank
-        with a row per sample, say); called once before training, after `prepare`, on the device."""
+        with a row per sample, say) and the most rows one process's batch can have; called once before
+        training, after `prepare`, on the device."""
 
     @property
     def needs_training_set(self) -> bool:
@@ -91,6 +93,7 @@ def check_temperature(temperature: float) -> float:
 @register_loss("ce", "cross-entropy with the true labels (optional label smoothing)")
 class CrossEntropy(LossTerm):
     needs_teacher = False
+    needs_labels = True
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
@@ -219,6 +222,11 @@ class Objective(nn.Module):
     @property
     def needs_teacher(self) -> bool:
         return any(t.needs_teacher and self.weights[k] > 0 for k, t in self.terms.items())
+
+    @property
+    def labelled_terms(self) -> list[str]:
+        """The counting terms that read true labels: an unlabelled batch cannot be trained on with them."""
+        return [k for k, t in self.terms.items() if t.needs_labels and self.weights[k] > 0]
 
     @property
     def student_taps(self) -> tuple[str, ...]:
