@@ -193,13 +193,13 @@ class Pipeline:
                     raise KdistillError(f"distill.losses ({role}): {error}") from None
             finally:
                 taps.remove()
-        trial = copy.deepcopy(objective)
+        trial = copy.deepcopy(objective).eval()  # a shape check: no memory bank update, nothing shared
         labels = torch.zeros(len(inputs), dtype=torch.long)
         for label, term in trial.terms.items():
             try:
                 term.prepare(features["student"][1], features["teacher"][1])
                 if term.needs_training_set:
-                    term.bind_training_set(self.data.train.labels.long())
+                    term.bind_training_set(self.data.train.labels.long(), len(inputs))
                 term(DistillInputs(features["student"][0], labels, features["teacher"][0], features["student"][1],
                                    features["teacher"][1], index=torch.arange(len(inputs))))
             except (ValueError, RuntimeError) as error:
@@ -463,8 +463,9 @@ class Pipeline:
             distiller = self._distiller(model)
         else:
             if role == "teacher" and train_cfg.label_smoothing > 0:
-                warnings.warn("teacher.train.label_smoothing > 0 erases the dark knowledge that distillation "
-                              "transfers (Mueller et al. 2019); prefer 0 for teachers", stacklevel=2)
+                warnings.warn("teacher.train.label_smoothing > 0 can erase the dark knowledge that distillation "
+                              "transfers (Mueller et al. 2019); 0.1 did not hurt Fashion-MNIST's student "
+                              "(BENCHMARKS.md), but compare yours with a teacher trained without it", stacklevel=2)
             distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing), device=self.device)
         # A resumed distillation must go on from the same teacher and objective (a checkpoint file or the
         # teacher's code may have changed in between).
@@ -730,8 +731,13 @@ NEUTRAL_KEYS = ("out_dir", "threads", "device", "data.root", "data.download", "d
 
 
 def changed_keys(old: DictConfig, new: DictConfig) -> list[str]:
-    """The config keys whose values differ, leaving out NEUTRAL_KEYS."""
+    """The config keys whose values differ, leaving out NEUTRAL_KEYS; and the teacher's training keys when
+    both load the same teacher checkpoint (it is loaded, not trained: a recipe's new teacher schedule
+    changes nothing there)."""
     flat_old = flatten(OmegaConf.to_container(old, resolve=True))
     flat_new = flatten(OmegaConf.to_container(new, resolve=True))
+    neutral = NEUTRAL_KEYS
+    if flat_old.get("teacher.checkpoint") and flat_old.get("teacher.checkpoint") == flat_new.get("teacher.checkpoint"):
+        neutral += ("teacher.train.",)
     return sorted(k for k in flat_old.keys() | flat_new.keys()
-                  if flat_old.get(k) != flat_new.get(k) and not k.startswith(NEUTRAL_KEYS))
+                  if flat_old.get(k) != flat_new.get(k) and not k.startswith(neutral))

@@ -212,7 +212,7 @@ def test_batchnorm_teacher_from_the_residual_family(tmp_path, soft_label_cache):
 
 def test_label_smoothing_on_a_teacher_warns(tmp_path, capsys):
     assert run_cli(tmp_path, "train", "--quiet", "teacher.train.label_smoothing=0.1") == 0
-    assert "label_smoothing > 0 erases the dark knowledge" in capsys.readouterr().err
+    assert "label_smoothing > 0 can erase the dark knowledge" in capsys.readouterr().err
 
 
 def test_a_student_is_not_reused_with_another_teacher(tmp_path, soft_label_cache, capsys):
@@ -225,3 +225,21 @@ def test_a_student_is_not_reused_with_another_teacher(tmp_path, soft_label_cache
     shutil.copy(tmp_path / "runs" / "other" / "teacher" / "model.safetensors", teacher)  # same path, new weights
     assert run_cli(tmp_path, "run", *args) == 2
     assert "distilled from another teacher" in capsys.readouterr().err
+
+
+def test_a_loaded_teachers_training_keys_change_nothing():
+    """With one teacher checkpoint on both sides the teacher is loaded, not trained: a recipe's new teacher
+    schedule must not make a sweep rerun its finished cells (or a run folder discard its students)."""
+    from omegaconf import OmegaConf
+
+    from kdistill.pipeline import changed_keys
+
+    def config(checkpoint, teacher_epochs, student_epochs=5):
+        return OmegaConf.create({"teacher": {"checkpoint": checkpoint, "train": {"epochs": teacher_epochs}},
+                                 "train": {"epochs": student_epochs}})
+
+    assert changed_keys(config("t.safetensors", 30), config("t.safetensors", 39)) == []
+    assert changed_keys(config("t.safetensors", 30), config("t.safetensors", 30, 6)) == ["train.epochs"]
+    assert changed_keys(config(None, 30), config(None, 39)) == ["teacher.train.epochs"]
+    assert changed_keys(config("t.safetensors", 30), config("u.safetensors", 39)) == [
+        "teacher.checkpoint", "teacher.train.epochs"]
