@@ -89,7 +89,8 @@ METHOD_LOSSES := \
   {ce: {weight: 1}, pkt: {student: fc1, teacher: stages.2, weight: 30000}},\
   {ce: {weight: 1}, cc: {student: fc1, teacher: stages.2, weight: 0.02}}
 .PHONY: methods
-# Then the goal's sweep: the best response methods alone and KD with one more term, 30 epochs each.
+# Then the goal's sweeps, 30 epochs each: the best response methods alone, KD with one more term, and KD
+# with crop + flip on the student's batches, taught on cached teacher views.
 COMBO_LOSSES := \
   {ce: {weight: 0.1}, kd: {weight: 0.9}},\
   {ce: {weight: 0.1}, js: {weight: 0.9}},\
@@ -99,4 +100,6 @@ methods: setup data
 	$(KD) sweep fashion_mnist_resnet $(METHODS) --name methods 'distill.losses=$(METHOD_LOSSES)' $(METHODS_EXTRA)
 	$(KD) sweep fashion_mnist_resnet $(METHODS) --name methods_30_epochs train.epochs=30 'distill.losses=$(COMBO_LOSSES)' \
 	    $(METHODS_EXTRA)
-	$(KD) report runs/methods runs/methods_30_epochs --out runs/methods_report
+	$(KD) sweep fashion_mnist_resnet $(METHODS) --name methods_30_epochs_augmented train.epochs=30 \
+	    train.augment.crop_padding=2 train.augment.hflip=true distill.teacher_signal=cached_views $(METHODS_EXTRA)
+	$(KD) report runs/methods runs/methods_30_epochs runs/methods_30_epochs_augmented --out runs/methods_report
