@@ -83,12 +83,11 @@ METHOD_LOSSES := \
   {ce: {weight: 1}, nst: {student: conv2, teacher: stages.1, weight: 50}},\
   {ce: {weight: 1}, vid: {student: conv2, teacher: stages.1, weight: 1}},\
   {ce: {weight: 1}, crd: {student: fc1, teacher: stages.2, weight: 0.8, negatives: 1024}},\
-  {ce: {weight: 1}, review: {student: [conv2, fc1], teacher: [stages.1, stages.2], warmup_epochs: 2}},\
   {ce: {weight: 1}, sp: {student: fc1, teacher: stages.2, weight: 3000}},\
   {ce: {weight: 1}, rkd_distance: {student: fc1, teacher: stages.2, weight: 25}, rkd_angle: {student: fc1, teacher: stages.2, weight: 50}},\
   {ce: {weight: 1}, pkt: {student: fc1, teacher: stages.2, weight: 30000}},\
-  {ce: {weight: 1}, cc: {student: fc1, teacher: stages.2, weight: 0.02}}
-.PHONY: methods
+  {ce: {weight: 1}, cc: {student: fc1, teacher: stages.2, weight: 0.02}},\
+  {ce: {weight: 1}, review: {student: [conv2, fc1], teacher: [stages.1, stages.2], warmup_epochs: 2}}
 # Then the goal's sweeps, 30 epochs each: the best response methods alone, KD with one more term, and KD
 # with crop + flip on the student's batches, taught on cached teacher views.
 COMBO_LOSSES := \
@@ -96,6 +95,7 @@ COMBO_LOSSES := \
   {ce: {weight: 0.1}, js: {weight: 0.9}},\
   {ce: {weight: 0.1}, kd: {weight: 0.9}, dist: {weight: 1, beta: 2, gamma: 2, temperature: 4}},\
   {ce: {weight: 0.1}, kd: {weight: 0.9}, at: {student: conv2, teacher: stages.1, weight: 1000}}
+.PHONY: methods
 methods: setup data
 	$(KD) sweep fashion_mnist_resnet $(METHODS) --name methods 'distill.losses=$(METHOD_LOSSES)' $(METHODS_EXTRA)
 	$(KD) sweep fashion_mnist_resnet $(METHODS) --name methods_30_epochs train.epochs=30 'distill.losses=$(COMBO_LOSSES)' \

@@ -464,8 +464,8 @@ class Pipeline:
         else:
             if role == "teacher" and train_cfg.label_smoothing > 0:
                 warnings.warn("teacher.train.label_smoothing > 0 can erase the dark knowledge that distillation "
-                              "transfers (Mueller et al. 2019); 0.1 did not hurt Fashion-MNIST's student "
-                              "(BENCHMARKS.md), but compare yours with a teacher trained without it", stacklevel=2)
+                              "transfers (Mueller et al. 2019): compare the distilled student with one taught by a "
+                              "teacher trained without it", stacklevel=2)
             distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing), device=self.device)
         # A resumed distillation must go on from the same teacher and objective (a checkpoint file or the
         # teacher's code may have changed in between).
