@@ -569,6 +569,7 @@ class Pipeline:
                 **result.metrics,
                 "train_seconds": summary.get("train_seconds"),
                 "train_samples_per_second": summary.get("train_samples_per_second"),
+                "median_epoch_seconds": summary.get("median_epoch_seconds"),
                 "best_epoch": summary.get("best_epoch"),
             }
         batches = list(cfg.eval.latency_batches)

@@ -50,11 +50,13 @@ def figure(metrics: dict, path: str) -> float | None:
 
 
 def mean_sd_text(mean: float | None, sd: float | None, path: str) -> str:
-    """"88.00 ± 2.83 %" for accuracies, "1,210" for parameter counts, 3 decimals otherwise; "–" for no value."""
+    """"88.00 ± 2.83 %" for accuracies, "1,210" for parameter counts, "5.4" for seconds, 3 decimals otherwise;
+    "–" for no value."""
     if mean is None:
         return "–"
     percent = path.endswith("accuracy")
-    scale, digits = (100, 2) if percent else (1, 0 if path.endswith("params") else 3)
+    scale, digits = (100, 2) if percent else (1, 0 if path.endswith("params") else 1 if path.endswith("seconds")
+                                              else 3)
     text = f"{mean * scale:,.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
     return text + (" %" if percent else "")
 

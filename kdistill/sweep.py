@@ -49,7 +49,10 @@ SWEEP_FILE = "sweep.json"
 FIGURES = (("student val", "student.val_accuracy"), ("student test", "student.test_accuracy"),
            ("baseline test", "baseline.test_accuracy"), ("teacher test", "teacher.test_accuracy"),
            ("gap recovered", "gap_recovered"), ("student params", "student.params"),
-           ("student train s", "student.train_seconds"), ("distill overhead", "distill_overhead"))
+           ("student train s", "student.train_seconds"), ("student s / epoch", "student.median_epoch_seconds"),
+           ("distill overhead", "distill_overhead"))
+# And what is a word, not a number: every seed's value, once each.
+WORDS = (("teacher signal", "teacher_signal"),)
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: the config inside is not hashable
@@ -313,7 +316,11 @@ class Sweep:
         for cell in self.cells:
             path = self.folder / cell.name / "metrics.json"
             if path.exists():
-                found[cell] = json.loads(path.read_text())
+                metrics = found[cell] = json.loads(path.read_text())
+                # Folders evaluated before metrics.json recorded the median epoch: their training summary has it.
+                student, summary = metrics.get("student"), self.folder / cell.name / "student" / "summary.json"
+                if isinstance(student, dict) and "median_epoch_seconds" not in student and summary.exists():
+                    student["median_epoch_seconds"] = json.loads(summary.read_text()).get("median_epoch_seconds")
         return found
 
     def write_results(self) -> Path:
@@ -322,19 +329,22 @@ class Sweep:
         keys = [key for key, _ in self.axes]
         with open(self.folder / "runs.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow([*keys, "seed", *(path for _, path in FIGURES)])
+            writer.writerow([*keys, "seed", *(path for _, path in FIGURES), *(path for _, path in WORDS)])
             for cell, metrics in found.items():
-                writer.writerow([*(v for _, v in cell.point), cell.seed, *(figure(metrics, p) for _, p in FIGURES)])
+                writer.writerow([*(v for _, v in cell.point), cell.seed, *(figure(metrics, p) for _, p in FIGURES),
+                                 *(metrics.get(p) for _, p in WORDS)])
         groups: dict[str, list[tuple[Cell, dict]]] = {}
         for cell, metrics in found.items():
             groups.setdefault(cell.label, []).append((cell, metrics))
         rows = [summarise(label, entries) for label, entries in groups.items()]
         with open(self.folder / "results.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow([*keys, "seeds", *(f"{path}_{stat}" for _, path in FIGURES for stat in ("mean", "sd"))])
+            writer.writerow([*keys, "seeds", *(f"{path}_{stat}" for _, path in FIGURES for stat in ("mean", "sd")),
+                             *(path for _, path in WORDS)])
             for row in rows:
                 writer.writerow([*row["values"], row["seeds"],
-                                 *(row[path][stat] for _, path in FIGURES for stat in ("mean", "sd"))])
+                                 *(row[path][stat] for _, path in FIGURES for stat in ("mean", "sd")),
+                                 *(row[path] for _, path in WORDS)])
         path = self.folder / "results.md"
         atomic_write_text(path, results_markdown(self, rows))
         return path
@@ -347,6 +357,8 @@ def summarise(label: str, entries: list[tuple[Cell, dict]]) -> dict:
         values = [v for _, m in entries if (v := figure(m, path)) is not None]
         row[path] = {"mean": statistics.fmean(values) if values else None,
                      "sd": statistics.stdev(values) if len(values) > 1 else None}
+    for _, path in WORDS:
+        row[path] = ", ".join(sorted({str(m[path]) for _, m in entries if m.get(path) is not None}))
     return row
 
 
@@ -358,11 +370,12 @@ def results_markdown(sweep: Sweep, rows: list[dict]) -> str:
              "seeds. Choose by the validation column; the test columns are for the record.", ""]
     scored = [r for r in rows if r["student.val_accuracy"]["mean"] is not None]
     best = max(scored, key=lambda r: r["student.val_accuracy"]["mean"])["label"] if scored else None
-    lines.append("| " + " | ".join([*keys, "seeds", *(label for label, _ in FIGURES)]) + " |")
-    lines.append("|" + " --- |" * (len(keys) + 1 + len(FIGURES)))
+    lines.append("| " + " | ".join([*keys, "seeds", *(label for label, _ in FIGURES + WORDS)]) + " |")
+    lines.append("|" + " --- |" * (len(keys) + 1 + len(FIGURES) + len(WORDS)))
     for row in rows:
         cells = [f"`{v}`" for v in row["values"]] + [str(row["seeds"])]
         cells += [mean_sd_text(row[path]["mean"], row[path]["sd"], path) for _, path in FIGURES]
+        cells += [row[path] or "–" for _, path in WORDS]
         if row["label"] == best:
             cells[len(keys) + 1] = f"**{cells[len(keys) + 1]}**"
         lines.append("| " + " | ".join(cells) + " |")

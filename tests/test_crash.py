@@ -26,7 +26,7 @@ ARGS = ["recipes/digits_quick.yaml", "device=cpu", "threads=1", "teacher.train.e
         "teacher.train.batch_size=8", "train.batch_size=8", "eval.latency_repeats=1", "eval.latency_batches=[1]",
         "teacher.train.checkpoint_every_steps=40", "train.checkpoint_every_steps=40", "student.kwargs.dropout=0.1"]
 ROLES = ("teacher", "baseline", "student")
-TIMINGS = ("latency_ms", "train_seconds", "train_samples_per_second", "latency_spread")
+TIMINGS = ("latency_ms", "train_seconds", "train_samples_per_second", "median_epoch_seconds", "latency_spread")
 # Where to kill: a line the run prints as a phase starts, then a random delay (seconds).
 PHASES = ("[teacher] epoch 1/", "[teacher] epoch 3/", "[baseline] epoch 2/", "[baseline] epoch 4/",
           "[student] soft labels", "[student] epoch 2/")

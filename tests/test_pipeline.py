@@ -32,7 +32,7 @@ def test_run_writes_everything(finished_run, soft_label_cache, capsys):
     for role in ROLES:
         m = metrics[role]
         for key in ("test_accuracy", "val_accuracy", "test_nll", "agreement", "params", "checkpoint_bytes",
-                    "train_seconds", "train_samples_per_second"):
+                    "train_seconds", "train_samples_per_second", "median_epoch_seconds"):
             assert m[key] is not None, (role, key)
         assert set(m["latency_ms"]) == {"batch_1", "batch_256"}
         assert 0 <= m["test_accuracy"] <= 1

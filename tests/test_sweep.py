@@ -80,7 +80,10 @@ def test_a_sweep_shares_the_teacher_and_the_baseline_and_resumes(tmp_path, soft_
     per_seed = [json.loads((folder / f"distill.temperature=2,seed={s}" / "metrics.json").read_text())
                 ["student"]["test_accuracy"] for s in (0, 1)]
     assert float(rows[0]["student.test_accuracy_mean"]) == pytest.approx(sum(per_seed) / 2)
-    assert "Best by validation accuracy" in (folder / "results.md").read_text()
+    assert float(rows[0]["student.median_epoch_seconds_mean"]) > 0 and rows[0]["teacher_signal"] == "cached"
+    results = (folder / "results.md").read_text()
+    assert "Best by validation accuracy" in results and "| student s / epoch |" in results
+    assert results.count("| cached |") == 2  # the teacher signal, one per grid point
 
     # A killed sweep: one cell lost its result. Running the same command again redoes only that cell.
     (folder / cells[3] / "metrics.json").unlink()
