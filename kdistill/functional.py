@@ -435,15 +435,16 @@ def rkd_distance(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor
 
 
 def _angles(e: Tensor, eps: float = 1e-12) -> Tensor:
-    """cos of the angle at e_i between e_j - e_i and e_k - e_i, [N, N, N] (0 where j or k is i), from the Gram
-    matrix: <e_j - e_i, e_k - e_i> = G_jk - G_ij - G_ik + G_ii."""
-    e = e - e.mean(dim=0, keepdim=True)
-    g = e @ e.T
-    diag = g.diagonal()
-    dots = g[None, :, :] - g[:, :, None] - g[:, None, :] + diag[:, None, None]
-    # |e_j - e_i| as [i, j], at least eps as F.normalize has it; clamped before the root, whose gradient at 0 is inf
-    norms = (diag[None, :] - 2 * g + diag[:, None]).clamp(min=eps**2).sqrt()
-    return dots / (norms[:, :, None] * norms[:, None, :])
+    """cos of the angle at e_i between e_j - e_i and e_k - e_i, [N, N, N] (0 where j or k is i), by the law of
+    cosines from pairwise distances: <e_j - e_i, e_k - e_i> = (d_ij^2 + d_ik^2 - d_jk^2) / 2. The distances are
+    taken from the differences themselves (not from a Gram matrix, whose cancellation turns two nearly equal
+    samples into cosines of 1e18), so a repeated sample gives 0 as the official F.normalize does; what
+    rounding is left is clamped to [-1, 1]. Memory N^3 + N^2, not N^2 D."""
+    d = torch.cdist(e[None], e[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+    sq = d.square()
+    dots = (sq[:, :, None] + sq[:, None, :] - sq[None, :, :]) / 2
+    norms = d.clamp(min=eps)
+    return (dots / (norms[:, :, None] * norms[:, None, :])).clamp(-1, 1)
 
 
 def rkd_angle(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:

@@ -123,6 +123,22 @@ def test_rkd_distance_and_angle_equal_repdistiller(widths, offset):
     assert KF.rkd_angle(s, t).item() == pytest.approx(loss_a.item(), rel=1e-5)
 
 
+def test_rkd_angle_with_repeated_and_nearly_equal_samples_stays_a_cosine():
+    """Two equal embeddings (a repeated image, or a student whose features collapse early) give the official
+    0 where RepDistiller normalises a zero difference; nearly equal ones in float32 do not explode (a Gram
+    matrix's cancellation once gave cosines of 1e18 and wrecked a student)."""
+    s, t = (e.float() for e in maps(5, n=8, shapes=[(16,), (32,)]))
+    s, t = torch.cat([s, s[:2]]) * 100 + 1000, torch.cat([t, t[:2]])  # rows 8, 9 repeat rows 0, 1
+    _, official = official_rkd(s.double(), t.double())
+    assert KF.rkd_angle(s, t).item() == pytest.approx(official.item(), rel=1e-4)
+    near = s.clone().requires_grad_()
+    with torch.no_grad():
+        near[8] = s[0] + 1e-4  # 1e-10 of the vector's size: below float32's resolution of a Gram entry
+    value = KF.rkd_angle(near, t)
+    value.backward()
+    assert 0 <= value.item() < 2 and torch.isfinite(near.grad).all()
+
+
 def test_rkd_teacher_is_a_constant_and_the_student_gets_finite_gradients():
     s, t = maps(3, n=5, shapes=[(4,), (6,)])
     s, t = s.float().requires_grad_(), t.float().requires_grad_()
