@@ -55,8 +55,8 @@ def mean_sd_text(mean: float | None, sd: float | None, path: str) -> str:
     if mean is None:
         return "–"
     percent = path.endswith("accuracy")
-    scale, digits = (100, 2) if percent else (1, 0 if path.endswith("params") else 1 if path.endswith("seconds")
-                                              else 3)
+    digits = 2 if percent else 0 if path.endswith("params") else 1 if path.endswith("seconds") else 3
+    scale = 100 if percent else 1
     text = f"{mean * scale:,.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
     return text + (" %" if percent else "")
 

@@ -4,7 +4,7 @@
 # `kdistill train`, then evaluated once on the test set by `kdistill eval`. Accuracy only: the
 # 30-minute limit of issue 9 is measured on the CPU, one run alone (BENCHMARKS.md "A 95 % teacher").
 # Usage: bash scripts/screen-teachers.sh OUT_DIR 'NAME KEY=VALUE ...' ['NAME KEY=VALUE ...' ...]
-#   e.g. bash scripts/screen-teachers.sh runs/screen 'base' 'ema teacher.train.ema_decay=0.999'
+#   e.g. bash scripts/screen-teachers.sh runs/screen 'recipe' 'plain teacher.train.ema_decay=null teacher.train.label_smoothing=0'
 # Environment: DEVICE (default cuda), PY (default python3), LIMIT seconds per variant (default 440).
 set -u
 out=${1:?usage: screen-teachers.sh OUT_DIR VARIANT...}

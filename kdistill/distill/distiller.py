@@ -217,12 +217,12 @@ class Distiller(nn.Module):
         self.objective.to(self.device)
         binders = {label: term for label, term in self.objective.terms.items() if term.needs_training_set}
         if binders:
-            labels = getattr(getattr(train_loader or loader, "data", None), "labels", None)
+            source = train_loader or loader
+            labels = getattr(getattr(source, "data", None), "labels", None)
             if labels is None:
                 raise KdistillError(f"{type(next(iter(binders.values()))).__name__} needs the training set's labels "
                                     "and each batch's sample index: train it with kdistill's BatchLoader")
             labels = labels.to(self.device, torch.long)
-            source = train_loader or loader
             # kdistill's BatchLoader's batch_size is the global batch: a process holds at most its even share
             max_batch = -(-source.batch_size // getattr(source, "world_size", 1))
             for label, term in binders.items():

@@ -572,8 +572,8 @@ def _read_features(files: list[Path], num_samples: int, scan: bool = True) -> tu
         if array.dtype not in (np.float16, np.float32) or array.ndim < 2 or array.shape[0] != num_samples:
             return None, f"{file} holds {array.dtype} of shape {array.shape} for {num_samples} samples"
         table = torch.from_numpy(array)
-        for start in range(0, num_samples if scan else 0, 8192):  # a chunk at a time: it may not fit in memory
-            if not torch.isfinite(table[start:start + 8192]).all():
-                return None, f"{file} holds NaN or inf"
+        if scan and not all(torch.isfinite(table[start:start + 8192]).all()  # a chunk at a time: it may not fit
+                            for start in range(0, num_samples, 8192)):
+            return None, f"{file} holds NaN or inf"
         tables.append(table)
     return tables, ""

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from kdistill import functional as KF
 from kdistill.losses.terms import DistillInputs, LossTerm, check_temperature, register_loss
+from kdistill.train import distributed
 
 
 def _path(name: str, value) -> str:
@@ -327,9 +328,9 @@ class CRD(EmbeddingTerm):
         with torch.no_grad():  # Z = mean(exp(score)) * n on the first batch (CRD's estimate), then fixed
             first = torch.stack([torch.logsumexp(x.detach(), dim=(0, 1)) for x in scores])
             first = first - math.log(rows.numel()) + math.log(n)
-            if self.training and _processes() > 1:  # the mean of the processes' estimates: one Z for all
+            if self.training and distributed.world_size() > 1:  # the mean of the processes' estimates: one Z for all
                 torch.distributed.all_reduce(first)
-                first /= _processes()
+                first /= distributed.world_size()
             self.log_z.copy_(torch.where(torch.isnan(self.log_z), first, self.log_z))
         loss = KF.crd_nce(scores[0] - self.log_z[0], n) + KF.crd_nce(scores[1] - self.log_z[1], n)
         if self.training:
@@ -343,7 +344,7 @@ class CRD(EmbeddingTerm):
     def _from_every_process(self, samples: Tensor, *rows: Tensor) -> list[Tensor]:
         """This step's `samples` and `rows` of every process, in rank order (as is in one process). Each
         process's share is padded to the largest batch a process can have, with the scratch row."""
-        world = _processes()
+        world = distributed.world_size()
         if world == 1:
             return [samples, *rows]
         pad = self._max_batch - len(samples)
@@ -357,12 +358,6 @@ class CRD(EmbeddingTerm):
             torch.distributed.all_gather(parts, x)
             gathered.append(torch.cat(parts))
         return gathered
-
-
-def _processes() -> int:
-    """The number of processes training together (torchrun's world size), 1 outside a process group."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _AttentionFusion(nn.Module):
