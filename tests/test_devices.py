@@ -340,6 +340,22 @@ def test_a_killed_worker_is_named(tmp_path):
     assert "the process of rank 1 was killed by SIGKILL (out of memory?)" in done.stderr, done.stderr
 
 
+def test_the_launcher_blames_the_rank_that_died_first_not_the_lowest():
+    """Rank 1 is killed; rank 0 sees its connection close and aborts 30 ms later, as gloo makes it do:
+    the launcher names rank 1."""
+    from kdistill.train.distributed import _wait_all
+
+    for _ in range(3):
+        read_end, write_end = os.pipe()
+        killed = subprocess.Popen([sys.executable, "-c", "import os, time; time.sleep(0.3); os.kill(os.getpid(), 9)"],
+                                  pass_fds=(write_end,))
+        os.close(write_end)
+        aborts = subprocess.Popen([sys.executable, "-c", f"import os, time; os.read({read_end}, 1); time.sleep(0.03); "
+                                   "os.abort()"], pass_fds=(read_end,))
+        os.close(read_end)
+        assert _wait_all([aborts, killed]) == (1, [-6, -9])
+
+
 def test_two_processes_resume_mid_epoch_with_the_metrics_of_an_uninterrupted_run(tmp_path):
     cache = {"KDISTILL_CACHE_DIR": str(tmp_path / "cache")}
     args = ["train", DIGITS, CPU, "threads=1", "teacher.train.epochs=2", "teacher.kwargs.dropout=0.2",

@@ -10,11 +10,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -206,24 +208,35 @@ BAD_INPUT_PATIENCE_S = 20.0
 
 
 def _wait_all(workers: list[subprocess.Popen]) -> tuple[int | None, list[int]]:
-    """Wait for every worker; returns (the rank that failed first or None, every exit code)."""
-    while True:
-        codes = [w.poll() for w in workers]
-        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
-        if failed:  # the others would wait for it at their next collective forever
-            # Bad input (exit 2) stops every rank alike: give rank 0, perhaps slower to get there on a busy
-            # machine, time to print its own line (it ends at once, or waits in a collective until stopped).
-            patience = BAD_INPUT_PATIENCE_S if codes[failed[0]] == 2 else 1.0
-            deadline = time.monotonic() + patience
-            while workers[0].poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if workers[0].poll() == 2:
-                failed = [0]
-            _stop_all(workers)
-            return failed[0], [w.wait() for w in workers]
-        if all(code == 0 for code in codes):
-            return None, codes
-        time.sleep(0.1)
+    """Wait for every worker; returns (the rank that failed first or None, every exit code).
+
+    One thread per worker waits on it, so ranks are seen failing in the order they died: when one is
+    killed its peers' collectives fail (gloo aborts the process) a few milliseconds later, and polling
+    them all at once would blame whichever rank number is lowest.
+    """
+    ended: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for rank, worker in enumerate(workers):
+        threading.Thread(target=lambda r=rank, w=worker: (w.wait(), ended.put(r)), daemon=True).start()
+    for _ in workers:
+        while True:  # a timeout, so that SIGTERM's KeyboardInterrupt reaches this thread
+            try:
+                rank = ended.get(timeout=0.5)
+                break
+            except queue.Empty:
+                continue
+        if workers[rank].returncode == 0:
+            continue
+        # Bad input (exit 2) stops every rank alike: give rank 0, perhaps slower to get there on a busy
+        # machine, time to print its own line (it ends at once, or waits in a collective until stopped).
+        patience = BAD_INPUT_PATIENCE_S if workers[rank].returncode == 2 else 1.0
+        deadline = time.monotonic() + patience
+        while workers[0].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if workers[0].poll() == 2:
+            rank = 0
+        _stop_all(workers)  # the others would wait for it at their next collective forever
+        return rank, [w.wait() for w in workers]
+    return None, [w.returncode for w in workers]
 
 
 def _stop_all(workers: list[subprocess.Popen]) -> None:
