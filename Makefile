@@ -67,9 +67,10 @@ study: setup data
 # The method table (BENCHMARKS.md, issue 10): every method on one setting, the residual teacher to seed 000's
 # student (20 epochs, the same schedule for all), 3 seeds; the papers' weights (RepDistiller's, mdistiller's).
 # Student taps: conv1 16x28x28, conv2 32x14x14, fc1 64; teacher: stages.0 32x28x28, stages.1 64x14x14,
-# stages.2 128x7x7. Hours on a CPU; resumable like the study. FSP is left out: no student and teacher layer
-# pairs have equal channels here. Review fuses two levels: with conv1 too, its fusion modules at 28x28 cost
-# 25x the student's step (115 s an epoch).
+# stages.2 128x7x7. RKD, PKT and CC compare the pooled embeddings the classifiers receive (fc2@input 64,
+# head@input 128), as RepDistiller does. Hours on a CPU; resumable like the study. FSP is left out: no student
+# and teacher layer pairs have equal channels here. Review fuses two levels: with conv1 too, its fusion
+# modules at 28x28 cost 25x the student's step (115 s an epoch).
 METHODS := --seeds 0,1,2 --jobs $(or $(JOBS),2)
 METHOD_LOSSES := \
   {ce: {weight: 0.1}, kd: {weight: 0.9}},\
@@ -84,9 +85,9 @@ METHOD_LOSSES := \
   {ce: {weight: 1}, vid: {student: conv2, teacher: stages.1, weight: 1}},\
   {ce: {weight: 1}, crd: {student: fc1, teacher: stages.2, weight: 0.8, negatives: 1024}},\
   {ce: {weight: 1}, sp: {student: fc1, teacher: stages.2, weight: 3000}},\
-  {ce: {weight: 1}, rkd_distance: {student: fc1, teacher: stages.2, weight: 25}, rkd_angle: {student: fc1, teacher: stages.2, weight: 50}},\
-  {ce: {weight: 1}, pkt: {student: fc1, teacher: stages.2, weight: 30000}},\
-  {ce: {weight: 1}, cc: {student: fc1, teacher: stages.2, weight: 0.02}},\
+  {ce: {weight: 1}, rkd_distance: {student: fc2@input, teacher: head@input, weight: 25}, rkd_angle: {student: fc2@input, teacher: head@input, weight: 50}},\
+  {ce: {weight: 1}, pkt: {student: fc2@input, teacher: head@input, weight: 30000}},\
+  {ce: {weight: 1}, cc: {student: fc2@input, teacher: head@input, weight: 0.02}},\
   {ce: {weight: 1}, review: {student: [conv2, fc1], teacher: [stages.1, stages.2], warmup_epochs: 2}}
 # Then the goal's sweeps, 30 epochs each: the best response methods alone, KD with one more term, and KD
 # with crop + flip on the student's batches, taught on cached teacher views.

@@ -165,7 +165,7 @@ def _inspect(args) -> None:
     import torch
 
     from kdistill.config.describe import builtin_recipes
-    from kdistill.inspection import format_table, module_table
+    from kdistill.inspection import TAP_HINT, format_table, module_table
     from kdistill.models import MODELS
     from kdistill.models.probe import count_parameters
 
@@ -185,6 +185,7 @@ def _inspect(args) -> None:
         print(f"{args.target} ({count_parameters(model):,} parameters), a batch of 2 inputs of "
               f"{'x'.join(map(str, shape))}, {args.classes} classes")
         print(format_table(module_table(model, torch.zeros(2, *shape))))
+        print(TAP_HINT)
         return
     from kdistill.config import load_config
     from kdistill.pipeline import Pipeline
@@ -200,6 +201,7 @@ def _inspect(args) -> None:
             print(("\n" if i else "") + f"{role}: {pipeline.specs[role].name} ({count_parameters(model):,} "
                   f"parameters), 2 validation images of {data.name} ({'x'.join(map(str, data.input_shape))})")
             print(format_table(module_table(model, inputs)))
+        print(TAP_HINT)
 
 
 def _input_shape(text: str) -> tuple[int, int, int]:

@@ -1,7 +1,9 @@
-"""`kdistill inspect`: every module path of a model, with its output shape on one batch and its parameters.
+"""`kdistill inspect`: every module path of a model, with its input and output shapes on one batch and its
+parameters.
 
-Feature and relation losses name the modules they tap by path (`stages.1`, `layer3.0.conv2`): this
-table is how a user finds the paths, and the shapes a connector would have to map between.
+Feature and relation losses name the modules they tap by path (`stages.1`, `layer3.0.conv2`, or
+`head@input` for what a module receives): this table is how a user finds the paths, and the shapes a
+connector would have to map between.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class ModuleRow:
     output: str  # per-sample shape(s) of what it returned, "-" if the forward pass did not call it
     params: int  # its parameters, its submodules' included (shared ones once)
     calls: int  # how many times one forward pass called it
+    input: str = "-"  # per-sample shape(s) of its positional inputs (what `PATH@input` taps)
 
 
 def shape_text(output) -> str:
@@ -38,11 +41,13 @@ def shape_text(output) -> str:
 def module_table(model: nn.Module, inputs: Tensor) -> list[ModuleRow]:
     """Run `model` once on `inputs` (eval mode, no autograd; modes restored) and describe every module."""
     outputs: dict[str, str] = {}
+    received: dict[str, str] = {}
     calls: dict[str, int] = {}
 
     def recorder(path: str):
-        def record(_module, _inputs, output):
+        def record(_module, inputs, output):
             outputs[path] = shape_text(output)
+            received[path] = shape_text(inputs[0] if len(inputs) == 1 else inputs)
             calls[path] = calls.get(path, 0) + 1
 
         return record
@@ -65,16 +70,21 @@ def module_table(model: nn.Module, inputs: Tensor) -> list[ModuleRow]:
         for module, training in modes.items():
             module.training = training
     return [ModuleRow(path, type(module).__name__, outputs.get(path, "-"),
-                      sum(p.numel() for p in module.parameters()), calls.get(path, 0)) for path, module in named]
+                      sum(p.numel() for p in module.parameters()), calls.get(path, 0), received.get(path, "-"))
+            for path, module in named]
+
+
+TAP_HINT = ("tap a module's output by its path and what it receives by PATH@input (a classifier's input: the "
+            "pooled embedding)")
 
 
 def format_table(rows: list[ModuleRow]) -> str:
     """A fixed-width table of full paths, indented by depth; the model itself as `(model)`."""
-    lines = [("path", "module", "output per sample", "parameters")]
+    lines = [("path", "module", "input per sample", "output per sample", "parameters")]
     for row in rows:
         depth = row.path.count(".") + 1 if row.path else 0
         output = row.output + (f" ({row.calls} calls)" if row.calls > 1 else "")
-        lines.append(("  " * depth + (row.path or "(model)"), row.kind, output, f"{row.params:,}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(4)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:>{widths[3]}}"
-                     for a, b, c, d in lines)
+        lines.append(("  " * depth + (row.path or "(model)"), row.kind, row.input, output, f"{row.params:,}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d:<{widths[3]}}  {e:>{widths[4]}}"
+                      for a, b, c, d, e in lines)

@@ -77,7 +77,10 @@ def test_every_feature_term_trains_a_resnet_student_against_a_resnet_teacher():
     ("{hint: {type: fitnet, student: body.fc1, teacher: bdy.fc2}}", "(the teacher, mlp) for distill.losses"),
     ("{at: {student: body.fc1, teacher: body.fc2}}",
      "distill.losses.at: attention_transfer compares feature maps [N, C, H, W]"),
+    ("{sp: {student: body.fc1@output, teacher: body.fc2}}",
+     "tap 'body.fc1@output': '@output' is not a side of a module; write body.fc1 for its output or body.fc1@input"),
     ("{hint: {type: fitnet, student: body, teacher: body.fc1}}", None),
+    ("{ce: {}, rkd_distance: {student: body.fc1, teacher: body.fc2@input}}", None),  # cached, on what fc2 receives
 ])
 def test_bad_taps_are_one_line_before_any_training(tmp_path, capsys, losses, message):
     code = run(tmp_path, "run", f"distill.losses={losses}")
@@ -137,6 +140,18 @@ def test_a_tap_on_a_tuple_names_its_elements_and_takes_one():
     outer(torch.zeros(2, 5, 4))
     with pytest.raises(ValueError, match="'2' names no element"):
         wrong.pop()
+
+
+def test_a_tap_takes_what_a_module_receives():
+    """`head@input`: the pooled embedding, though the pooling is a function call in forward, not a module."""
+    from kdistill.distill import FeatureTaps
+
+    model = create_model("resnet", (1, 8, 8), 3, width=4, depth=1)
+    taps = FeatureTaps(model, ["stages.2", "head@input"])
+    model(torch.randn(2, 1, 8, 8))
+    features = taps.pop()
+    assert features["head@input"].shape == (2, 16)
+    torch.testing.assert_close(features["head@input"], features["stages.2"].mean((2, 3)))
 
 
 class Wrapper(nn.Module):

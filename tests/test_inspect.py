@@ -26,6 +26,7 @@ def test_every_module_gets_its_output_shape_calls_and_parameters():
     rows = {row.path: row for row in module_table(model, torch.zeros(2, 1, 2, 2))}
     assert rows[""].output == "3" and rows[""].params == 20 + 10 + 15
     assert (rows["shared"].output, rows["shared"].calls, rows["shared"].params) == ("4", 2, 20)
+    assert (rows["shared"].input, rows["head"].input, rows[""].input) == ("4", "4", "1x2x2")
     assert rows["unused"].output == "-" and rows["unused"].calls == 0
     assert model.training and all(m.training for m in model.modules())  # modes put back
     table = format_table(list(rows.values()))

@@ -3,7 +3,9 @@
 No model surgery: `FeatureTaps(model, ["layer2.1.conv2"])` records what that submodule
 returns on every forward, so any architecture works unchanged. A module that returns a tuple, a
 list or a dict (an LSTM, a transformer block) is tapped at one element: `PATH#INDEX` or `PATH#KEY`
-(`lstm#0`, `encoder#last_hidden_state`).
+(`lstm#0`, `encoder#last_hidden_state`). `PATH@input` taps what the module receives instead: `head@input`
+is the pooled embedding a classifier sees even when the pooling is a function call in `forward`, not a
+module (RepDistiller's relation methods use that embedding).
 """
 
 from __future__ import annotations
@@ -16,18 +18,31 @@ from torch import Tensor, nn
 
 from kdistill.errors import KdistillError
 
+INPUT = "@input"
+
 
 def split_tap(path: str) -> tuple[str, str]:
-    """`PATH#ELEMENT` -> (module path, element); element "" when the whole output is tapped."""
+    """`PATH#ELEMENT` -> (module path, element); element "" when the whole output is tapped. The module
+    path keeps an `@input` suffix: see `module_path`."""
     module, _, element = path.partition("#")
     return module, element
+
+
+def module_path(path: str) -> tuple[str, bool]:
+    """The submodule a tap hooks, and whether it takes the module's input (`PATH@input`), not its output."""
+    module = split_tap(path)[0]
+    return (module.removesuffix(INPUT), True) if module.endswith(INPUT) else (module, False)
 
 
 def check_tap_paths(model: nn.Module, paths: Sequence[str], what: str = "to tap") -> None:
     """Every path names a submodule of `model`; else one line with the nearest valid paths."""
     names = [name for name, _ in model.named_modules() if name]
     for tap in paths:
-        path = split_tap(tap)[0]
+        path = module_path(tap)[0]
+        if "@" in path:
+            name, _, side = path.partition("@")
+            raise KdistillError(f"tap '{tap}': '@{side}' is not a side of a module; write {name} for its output or "
+                                f"{name}{INPUT} for its input")
         if path not in names:
             close = difflib.get_close_matches(path, names, n=3, cutoff=0.5)
             hint = f"nearest: {', '.join(close)}" if close else \
@@ -43,11 +58,14 @@ class FeatureTaps:
         check_tap_paths(model, paths)
         names = dict(model.named_modules())
         self.features: dict[str, Any] = {}
-        self._handles = [names[split_tap(path)[0]].register_forward_hook(self._recorder(path)) for path in paths]
+        self._handles = [names[module_path(path)[0]].register_forward_hook(self._recorder(path)) for path in paths]
 
     def _recorder(self, path: str):
-        def record(_module, _inputs, output):
-            self.features[path] = output
+        takes_input = module_path(path)[1]
+
+        def record(_module, inputs, output):
+            # A module's positional inputs are a tuple: one input is tapped as itself, several by `#INDEX`.
+            self.features[path] = (inputs[0] if len(inputs) == 1 else inputs) if takes_input else output
 
         return record
 
