@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                             retrains=True)
     train.add_argument("--baseline", action="store_true", help="train the student from scratch (cross-entropy only)")
     _recipe_command(sub, "distill", "distill the student from the run's teacher", retrains=True)
-    _recipe_command(sub, "soft-labels", "compute the teacher's soft labels for the training set and cache them")
+    _recipe_command(sub, "soft-labels", "compute the teacher's soft labels for the training set (and the features "
+                                        "the loss terms tap) and cache them")
     _recipe_command(sub, "eval", "evaluate the run's models on the test set; writes metrics.json")
     report = _recipe_command(sub, "report", "write report.md and curves.png from the run's metrics.json; or, given "
                                             "run and sweep folders (kdistill report PATH...), one report over all "
@@ -283,6 +284,8 @@ def _step(args, pipeline) -> None:
             say(f"note: this recipe's student gets a live teacher ({pipeline.signal_reason}); "
                 "the cache built here serves unaugmented runs", file=sys.stderr)
         logits, path, built, seconds = pipeline.soft_labels()
+        if pipeline.cached:  # and the tapped features, which are keyed by these soft labels
+            pipeline.teacher_features(path.stem, rebuild=built)
         size = path.stat().st_size
         rows = f"{pipeline.views} views x {logits.shape[0] // pipeline.views}" if pipeline.views else logits.shape[0]
         from kdistill.distill import TopKLogits

@@ -50,7 +50,7 @@ from kdistill.distill.signals import (
 from kdistill.distill.taps import check_tap_paths
 from kdistill.errors import KdistillError
 from kdistill.evaluation import gap_recovered, latency_ms, machine_load, model_metrics
-from kdistill.losses import DistillInputs, build_objective, cross_entropy_objective
+from kdistill.losses import DistillInputs, Objective, build_objective, cross_entropy_objective
 from kdistill.models import count_parameters, create_model, output_classes
 from kdistill.report import ROLES, comparison_table, write_report
 from kdistill.storage import atomic_write_text, exclusive_lock, remove_stale_temporaries
@@ -111,15 +111,9 @@ class Pipeline:
             model = built[role] = self.build(role)
             if not (role == "teacher" and cfg.teacher.checkpoint):
                 _check_trainable(model, f"{role} '{self.specs[role].name}'", self.data.input_shape)
-        self.objective = build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
-                                         cfg.train.label_smoothing, cfg.train.epochs)
+        self.objective = recipe_objective(cfg)
         self._check_taps(built["student"], built["teacher"])
-        if self.objective.needs_teacher:
-            self.teacher_signal, self.signal_reason = choose_teacher_signal(
-                cfg.distill.teacher_signal, augmentation(cfg.train), bool(self.objective.teacher_taps),
-                processes=int(os.environ.get("WORLD_SIZE", "1")))
-        else:
-            self.teacher_signal, self.signal_reason = "none", "no loss term reads the teacher"
+        self.teacher_signal, self.signal_reason = resolve_teacher_signal(cfg, self.objective)
         self._check_paths()
         discard = set(discard)
         if not claim:  # `kdistill check`: the verdict `run` would reach, without writing anything
@@ -517,6 +511,21 @@ class Pipeline:
             main=distributed.is_main(), total=distributed.sum_ if distributed.active() else None)
         return logits, path, built, time.perf_counter() - started
 
+    def teacher_features(self, logits_key: str, *, rebuild: bool) -> dict[str, torch.Tensor] | None:
+        """The teacher's outputs at the tapped modules for every training sample (memory-mapped), beside soft-label
+        entry `logits_key`: built if missing, or if `rebuild` (its soft labels were); None when nothing is tapped."""
+        if not self.objective.teacher_taps:
+            return None
+        started = time.perf_counter()
+        features, files, built = cached_teacher_features(
+            self.model("teacher"), self.loader("train"), logits_key, self.objective.teacher_taps,
+            len(self.data.train), self.cache_dir, rebuild=rebuild, log=self.progress.line)
+        size = sum(f.stat().st_size for f in files) / 2**20
+        self.progress.line(f"[student] teacher features ({', '.join(features)}; {size:,.0f} MiB, memory-mapped) "
+                           f"{'computed and stored' if built else 'loaded'} in "
+                           f"{time.perf_counter() - started:.1f}s: {files[0].parent}")
+        return features
+
     def _distiller(self, student: nn.Module) -> Distiller:
         signal = self.teacher_signal
         self.progress.line(f"[student] teacher signal: {signal} ({self.signal_reason})")
@@ -526,16 +535,7 @@ class Pipeline:
             verb = "computed and stored" if built else "loaded"
             what = f"{self.views} views of each sample" if self.views else "each sample"
             self.progress.line(f"[student] soft labels ({what}) {verb} in {seconds:.1f}s: {path}")
-        features = None
-        if self.cached and self.objective.teacher_taps:
-            started = time.perf_counter()
-            features, files, built_now = cached_teacher_features(
-                self.model("teacher"), self.loader("train"), path.stem, self.objective.teacher_taps,
-                len(self.data.train), self.cache_dir, rebuild=built, log=self.progress.line)
-            size = sum(f.stat().st_size for f in files) / 2**20
-            self.progress.line(f"[student] teacher features ({', '.join(features)}; {size:,.0f} MiB, memory-mapped) "
-                               f"{'computed and stored' if built_now else 'loaded'} in "
-                               f"{time.perf_counter() - started:.1f}s: {files[0].parent}")
+        features = self.teacher_features(path.stem, rebuild=built) if self.cached else None
         teacher = self.model("teacher") if signal == "live" else None
         distiller = Distiller(teacher, student, self.objective, soft_labels=soft_labels, teacher_features=features,
                               device=self.device)
@@ -714,6 +714,20 @@ def _check_trainable(model: nn.Module, what: str, input_shape) -> None:
     if not output.requires_grad:
         raise KdistillError(f"{what} returns outputs that do not depend on its parameters (detached, or computed "
                             "under no_grad): kdistill cannot train it")
+
+
+def recipe_objective(cfg: DictConfig) -> Objective:
+    """The recipe's loss terms, built (their connectors still shapeless)."""
+    return build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
+                           cfg.train.label_smoothing, cfg.train.epochs)
+
+
+def resolve_teacher_signal(cfg: DictConfig, objective: Objective) -> tuple[str, str]:
+    """(signal, why) the recipe's student gets: distill.teacher_signal resolved, or "none"."""
+    if not objective.needs_teacher:
+        return "none", "no loss term reads the teacher"
+    return choose_teacher_signal(cfg.distill.teacher_signal, augmentation(cfg.train), bool(objective.teacher_taps),
+                                 processes=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def augmentation(train_cfg) -> Augment | None:

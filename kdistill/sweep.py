@@ -9,7 +9,8 @@ Teachers live beside it, in `<out_dir>/teachers/teacher-<key>/` (run folders hol
 
 Work is shared wherever the result cannot differ: every cell gets its teacher as
 `teacher.checkpoint`, trained once per distinct teacher config (with the recipe's seed) for every
-sweep in the same out_dir, so its soft labels are cached once; cells that differ only in `distill.*` keys share
+sweep in the same out_dir; its soft labels (cached views, tapped features) are built once per distinct
+entry, with every thread, before the cells start; cells that differ only in `distill.*` keys share
 one baseline (trained by the first of them, then copied). Every grid value is parsed and checked,
 by building each cell's full config, before anything runs. A finished cell whose config is
 unchanged is skipped; an interrupted one is resumed: a killed sweep, run again, goes on where it
@@ -40,7 +41,7 @@ from kdistill.errors import KdistillError
 
 # Imported now, not when first needed: a sweep runs for hours, and code edited meanwhile must not
 # reach this process half-way (its cells are new processes and get the new code whole).
-from kdistill.pipeline import Pipeline, changed_keys
+from kdistill.pipeline import Pipeline, changed_keys, recipe_objective, resolve_teacher_signal
 from kdistill.storage import atomic_write_text
 from kdistill.study import figure, mean_sd_text
 
@@ -183,6 +184,19 @@ class Sweep:
         return _digest({"student": _plain(cell.cfg.student), "train": _plain(cell.cfg.train),
                         "data": _plain(cell.cfg.data), "seed": cell.seed})
 
+    def signal_key(self, cell: Cell) -> str | None:
+        """Cells with equal keys read the same cached teacher signal (soft labels, views, tapped features);
+        None when the cell's student gets none from the cache."""
+        objective = recipe_objective(cell.cfg)
+        signal = resolve_teacher_signal(cell.cfg, objective)[0]
+        if signal not in ("cached", "cached_views"):
+            return None
+        views = signal == "cached_views"
+        return _digest({"teacher": _plain(cell.cfg.teacher), "teacher_key": self.teacher_key(cell),
+                        "data": _plain(cell.cfg.data), "top_k": cell.cfg.distill.top_k,
+                        "views": [cell.cfg.distill.views, _plain(cell.cfg.train.augment)] if views else None,
+                        "taps": sorted(objective.teacher_taps)})
+
     def teacher_dir(self, key: str) -> Path:
         """Shared by the sweeps of one out_dir: a teacher config is trained once for all of them."""
         return self.folder.parent / "teachers" / f"teacher-{key}"
@@ -229,6 +243,15 @@ class Sweep:
         self._parallel([("train --baseline", c.name, c) for c in firsts], slots, say, failures, what="baseline")
         for cell in todo:
             self._share_baseline(cell, baselines[self.baseline_key(cell)])
+        # The teacher signal next, once per distinct entry and with every thread: cells sharing a cache would
+        # otherwise wait, one slot idle, while the first of them builds it on its share of the threads.
+        signals: dict[str, Cell] = {}
+        for cell in todo:
+            key = self.signal_key(cell)
+            if key is not None:
+                signals.setdefault(key, cell)
+        self._parallel([("soft-labels", c.name, c) for c in signals.values()], teacher_slots, say, failures,
+                       what="teacher signal")
         progress = _Progress(len(todo), time.perf_counter(), say)
         self._parallel([("run", c.name, c) for c in todo], slots, say, failures, what="cell", progress=progress)
         path = self.write_results()
@@ -308,7 +331,7 @@ class Sweep:
                 elif progress is not None:
                     progress.cell_done(name, self.folder / name / "metrics.json", seconds)
                 else:
-                    say(f"{what} {name} trained in {seconds:.0f} s")
+                    say(f"{what} {name} {'cached' if what == 'teacher signal' else 'trained'} in {seconds:.0f} s")
 
     # -- results ----------------------------------------------------------------------------
     def metrics(self) -> dict[Cell, dict]:

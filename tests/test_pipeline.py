@@ -124,6 +124,10 @@ def test_steps_alone(tmp_path, soft_label_cache, capsys):
     assert "built" in capsys.readouterr().out
     assert run_cli(tmp_path, "soft-labels", "--quiet") == 0
     assert "already cached" in capsys.readouterr().out
+    taps = "distill.losses={ce: {}, sp: {student: body.fc1, teacher: body.fc1@input}}"
+    assert run_cli(tmp_path, "soft-labels", taps) == 0  # and the features its terms tap
+    assert "teacher features (body.fc1@input; " in capsys.readouterr().err
+    assert len(list(soft_label_cache.glob("*.npy"))) == 1
     assert run_cli(tmp_path, "distill", "--quiet") == 0
     assert run_cli(tmp_path, "train", "--baseline", "--quiet") == 0
     assert run_cli(tmp_path, "eval", "--quiet") == 0

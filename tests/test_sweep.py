@@ -64,6 +64,11 @@ def test_a_sweep_shares_the_teacher_and_the_baseline_and_resumes(tmp_path, soft_
     # One teacher for the whole sweep, given to every cell as its checkpoint; its soft labels cached once.
     (teacher,) = (folder.parent / "teachers").glob("teacher-*")
     assert len(list(soft_label_cache.glob("*.safetensors"))) == 1
+    # ... by one step with every thread before the cells, which then load it.
+    (signal_log,) = (folder / "logs").glob("*.soft-labels.log")
+    assert "built:" in signal_log.read_text() and "teacher signal " in out
+    assert all("soft labels (each sample) loaded" in (folder / "logs" / f"{cell}.run.log").read_text()
+               for cell in cells)
     for cell in cells:
         config = (folder / cell / "config.yaml").read_text()
         assert str(teacher / "teacher" / "model.safetensors") in config
@@ -97,6 +102,20 @@ def test_a_grid_over_teachers_trains_one_teacher_each(tmp_path, soft_label_cache
     keys = {sweep.teacher_key(cell) for cell in sweep.cells}
     baselines = {sweep.baseline_key(cell) for cell in sweep.cells}
     assert len(sweep.cells) == 4 and len(keys) == 2 and len(baselines) == 1
+
+
+def test_cells_share_a_cached_teacher_signal_only_where_it_is_the_same():
+    sweep = Sweep("digits_quick", ["distill.losses={kd: {}},{kd: {weight: 0.5}, ce: {}},{ce: {}},"
+                                   "{ce: {}, sp: {student: body.fc1, teacher: body.fc1}},"
+                                   "{ce: {}, sp: {student: body.fc1, teacher: body.fc1@input}}"], [0, 1])
+    keys = [sweep.signal_key(cell) for cell in sweep.cells]
+    assert keys[0] == keys[1] == keys[2] == keys[3] and keys[4] is keys[5] is None  # CE reads no teacher
+    assert len({keys[0], keys[6], keys[8]}) == 3  # a tapped module has its own features
+    views = Sweep("digits_quick", ["train.augment.hflip=true", "distill.teacher_signal=cached_views",
+                                   "distill.views=2,4"], [0])
+    live = Sweep("digits_quick", ["train.augment.hflip=true", "distill.teacher_signal=live"], [0])
+    assert len({views.signal_key(c) for c in views.cells} | {keys[0]}) == 3
+    assert live.signal_key(live.cells[0]) is None
 
 
 def test_the_study_sweeps_share_one_residual_teacher():
