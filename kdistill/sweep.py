@@ -229,7 +229,9 @@ class Sweep:
             if key is not None and not (self.teacher_dir(key) / "teacher" / "model.safetensors").exists():
                 teachers.setdefault(key, cell)
         baselines: dict[str, Cell] = {}
-        for cell in todo:
+        # A grown grid's new cells take the baseline a finished cell already has, where one does.
+        trained = [c for c in self.cells if (self.folder / c.name / "baseline" / "model.safetensors").exists()]
+        for cell in [*trained, *todo]:
             baselines.setdefault(self.baseline_key(cell), cell)
         failures: list[str] = []
         # Teachers first, then one baseline per distinct student and training, then every cell.

@@ -96,6 +96,13 @@ def test_a_sweep_shares_the_teacher_and_the_baseline_and_resumes(tmp_path, soft_
     out = capsys.readouterr().out
     assert "3 of 4 cells already done, skipped" in out and "[1/1] " + cells[3] in out
 
+    # A grown grid: the new temperature's cells take the baselines the finished cells have.
+    assert sweep_cli(tmp_path, "distill.temperature=2,8,4", "--seeds", "0,1") == 0
+    assert not list((folder / "logs").glob("distill.temperature=4,*.train.log"))
+    for seed in (0, 1):
+        assert (folder / f"distill.temperature=4,seed={seed}" / "baseline" / "model.safetensors").read_bytes() == \
+            (folder / f"distill.temperature=2,seed={seed}" / "baseline" / "model.safetensors").read_bytes()
+
 
 def test_a_grid_over_teachers_trains_one_teacher_each(tmp_path, soft_label_cache):
     sweep = Sweep("digits_quick", ["teacher.kwargs.hidden=[32],[64]", "distill.temperature=2,4"], [0])
