@@ -95,7 +95,12 @@ COMBO_LOSSES := \
   {ce: {weight: 0.1}, kd: {weight: 0.9}},\
   {ce: {weight: 0.1}, js: {weight: 0.9}},\
   {ce: {weight: 0.1}, kd: {weight: 0.9}, dist: {weight: 1, beta: 2, gamma: 2, temperature: 4}},\
-  {ce: {weight: 0.1}, kd: {weight: 0.9}, at: {student: conv2, teacher: stages.1, weight: 1000}}
+  {ce: {weight: 0.1}, kd: {weight: 0.9}, at: {student: conv2, teacher: stages.1, weight: 1000}},\
+  {ce: {weight: 0.1}, kd: {weight: 0.9, temperature: 2}},\
+  {ce: {weight: 0.1}, kd: {weight: 0.9, temperature: 8}},\
+  {ce: {weight: 0.1}, js: {weight: 0.9, temperature: 2}},\
+  {ce: {weight: 0.1}, js: {weight: 0.9}, dist: {weight: 1, beta: 2, gamma: 2, temperature: 4}},\
+  {ce: {weight: 0.1}, kd: {weight: 0.9}, pkt: {student: fc2@input, teacher: head@input, weight: 30000}}
 .PHONY: methods
 methods: setup data
 	$(KD) sweep fashion_mnist_resnet $(METHODS) --name methods 'distill.losses=$(METHOD_LOSSES)' $(METHODS_EXTRA)

@@ -44,6 +44,7 @@ from kdistill.errors import KdistillError
 from kdistill.pipeline import Pipeline, changed_keys, recipe_objective, resolve_teacher_signal
 from kdistill.storage import atomic_write_text
 from kdistill.study import figure, mean_sd_text
+from kdistill.train.distributed import die_with_parent
 
 SWEEP_FILE = "sweep.json"
 # What a cell's result is summarised by: (label, path in metrics.json), in table order.
@@ -319,7 +320,8 @@ class Sweep:
                 # Not --quiet: the log keeps the run's lines (data, teacher signal, epochs) for later reading.
                 argv = [sys.executable, "-m", "kdistill", *command.split(), str(self.recipe), *items, "--resume"]
                 with open(log_path, "w") as log:
-                    code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
+                    # A killed sweep stops its cells (they resume), rather than leaving them to run on unseen.
+                    code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
                 return name, code, time.perf_counter() - began, log_path
             finally:
                 free.append((threads, device))

@@ -2,6 +2,12 @@
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +145,41 @@ def test_the_study_sweeps_share_one_residual_teacher():
     assert objectives.cells[0].cfg.distill.losses == {"kd": {"weight": 1}}  # the recipe's ce is replaced
     mlp = next(c for c in objectives.cells if c.cfg.teacher.name == "mlp")
     assert mlp.cfg.teacher.kwargs == {}  # the resnet's kwargs are not given to the mlp
+
+
+def test_a_killed_sweep_stops_its_cells(tmp_path, soft_label_cache):
+    """SIGKILL to the sweep: the cell it was running is stopped too (it would resume), not left running unseen."""
+    env = {**os.environ, "KDISTILL_CACHE_DIR": str(soft_label_cache)}
+    sweep = subprocess.Popen([sys.executable, "-m", "kdistill", "sweep", "digits_quick", f"out_dir={tmp_path}",
+                              "teacher.train.epochs=500", "distill.temperature=2,4"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def cells() -> list[int]:  # processes started by the sweep: their command line names its folder
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                command = (Path("/proc") / pid / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(pid) != sweep.pid and str(tmp_path).encode() in command:
+                found.append(int(pid))
+        return found
+
+    try:
+        deadline = time.monotonic() + 60
+        while not cells() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cells(), "the sweep started no cell"
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait()
+        deadline = time.monotonic() + 20
+        while cells() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not cells()
+    finally:  # nothing left behind, whatever failed
+        for pid in [sweep.pid, *cells()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        sweep.wait()

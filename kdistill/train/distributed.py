@@ -161,7 +161,7 @@ def launch(argv: list[str], nproc: int) -> int:
             logs.append(log)
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "kdistill", *argv], env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                stdout=None if log is None else subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent))
+                stdout=None if log is None else subprocess.DEVNULL, stderr=log, preexec_fn=die_with_parent))
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             first, codes = _wait_all(workers)
@@ -194,8 +194,9 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, have the kernel send SIGTERM if the launcher dies, even by SIGKILL."""
+def die_with_parent() -> None:
+    """In the child, before exec: on Linux, have the kernel send SIGTERM if the thread that started it dies (the
+    launcher, a sweep), even by SIGKILL, so no worker is left running on its own."""
     try:
         import ctypes
 
