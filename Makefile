@@ -107,5 +107,6 @@ methods: setup data
 	$(KD) sweep fashion_mnist_resnet $(METHODS) --name methods_30_epochs train.epochs=30 'distill.losses=$(COMBO_LOSSES)' \
 	    $(METHODS_EXTRA)
 	$(KD) sweep fashion_mnist_resnet $(METHODS) --name methods_30_epochs_augmented train.epochs=30 \
-	    train.augment.crop_padding=2 train.augment.hflip=true distill.teacher_signal=cached_views $(METHODS_EXTRA)
+	    train.augment.crop_padding=2 train.augment.hflip=true distill.teacher_signal=cached_views \
+	    'distill.losses={ce: {weight: 0.1}, kd: {weight: 0.9}},{ce: {weight: 0.1}, js: {weight: 0.9}}' $(METHODS_EXTRA)
 	$(KD) report runs/methods runs/methods_30_epochs runs/methods_30_epochs_augmented --out runs/methods_report
