@@ -147,6 +147,7 @@ def test_the_study_sweeps_share_one_residual_teacher():
     assert mlp.cfg.teacher.kwargs == {}  # the resnet's kwargs are not given to the mlp
 
 
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="the parent-death signal is Linux's")
 def test_a_killed_sweep_stops_its_cells(tmp_path, soft_label_cache):
     """SIGKILL to the sweep: the cell it was running is stopped too (it would resume), not left running unseen."""
     env = {**os.environ, "KDISTILL_CACHE_DIR": str(soft_label_cache)}
