@@ -284,8 +284,7 @@ def _step(args, pipeline) -> None:
             say(f"note: this recipe's student gets a live teacher ({pipeline.signal_reason}); "
                 "the cache built here serves unaugmented runs", file=sys.stderr)
         logits, path, built, seconds = pipeline.soft_labels()
-        if pipeline.cached:  # and the tapped features, which are keyed by these soft labels
-            pipeline.teacher_features(path.stem, rebuild=built)
+        pipeline.teacher_features(path.stem, rebuild=built)  # and the tapped features, keyed by these soft labels
         size = path.stat().st_size
         rows = f"{pipeline.views} views x {logits.shape[0] // pipeline.views}" if pipeline.views else logits.shape[0]
         from kdistill.distill import TopKLogits

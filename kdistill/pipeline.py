@@ -513,8 +513,9 @@ class Pipeline:
 
     def teacher_features(self, logits_key: str, *, rebuild: bool) -> dict[str, torch.Tensor] | None:
         """The teacher's outputs at the tapped modules for every training sample (memory-mapped), beside soft-label
-        entry `logits_key`: built if missing, or if `rebuild` (its soft labels were); None when nothing is tapped."""
-        if not self.objective.teacher_taps:
+        entry `logits_key`: built if missing, or if `rebuild` (its soft labels were); None when nothing is tapped
+        or the student's teacher signal is not a cached one."""
+        if not (self.cached and self.objective.teacher_taps):
             return None
         started = time.perf_counter()
         features, files, built = cached_teacher_features(
@@ -529,13 +530,13 @@ class Pipeline:
     def _distiller(self, student: nn.Module) -> Distiller:
         signal = self.teacher_signal
         self.progress.line(f"[student] teacher signal: {signal} ({self.signal_reason})")
-        soft_labels = None
+        soft_labels = features = None
         if self.cached:
             soft_labels, path, built, seconds = self.soft_labels()
             verb = "computed and stored" if built else "loaded"
             what = f"{self.views} views of each sample" if self.views else "each sample"
             self.progress.line(f"[student] soft labels ({what}) {verb} in {seconds:.1f}s: {path}")
-        features = self.teacher_features(path.stem, rebuild=built) if self.cached else None
+            features = self.teacher_features(path.stem, rebuild=built)
         teacher = self.model("teacher") if signal == "live" else None
         distiller = Distiller(teacher, student, self.objective, soft_labels=soft_labels, teacher_features=features,
                               device=self.device)

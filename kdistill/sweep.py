@@ -193,8 +193,9 @@ class Sweep:
         if signal not in ("cached", "cached_views"):
             return None
         views = signal == "cached_views"
-        return _digest({"teacher": _plain(cell.cfg.teacher), "teacher_key": self.teacher_key(cell),
-                        "data": _plain(cell.cfg.data), "top_k": cell.cfg.distill.top_k,
+        # The teacher config and data fix the teacher too where the sweep trains it (with the one recipe seed).
+        return _digest({"teacher": _plain(cell.cfg.teacher), "data": _plain(cell.cfg.data),
+                        "top_k": cell.cfg.distill.top_k,
                         "views": [cell.cfg.distill.views, _plain(cell.cfg.train.augment)] if views else None,
                         "taps": sorted(objective.teacher_taps)})
 

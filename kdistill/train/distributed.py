@@ -7,6 +7,7 @@ process, so the loop reads the same either way. Only rank 0 writes files and pri
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -219,12 +220,10 @@ def _wait_all(workers: list[subprocess.Popen]) -> tuple[int | None, list[int]]:
     for rank, worker in enumerate(workers):
         threading.Thread(target=lambda r=rank, w=worker: (w.wait(), ended.put(r)), daemon=True).start()
     for _ in workers:
-        while True:  # a timeout, so that SIGTERM's KeyboardInterrupt reaches this thread
-            try:
+        rank = None
+        while rank is None:  # a timeout, so that SIGTERM's KeyboardInterrupt reaches this thread
+            with contextlib.suppress(queue.Empty):
                 rank = ended.get(timeout=0.5)
-                break
-            except queue.Empty:
-                continue
         if workers[rank].returncode == 0:
             continue
         # Bad input (exit 2) stops every rank alike: give rank 0, perhaps slower to get there on a busy
