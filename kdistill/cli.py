@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LISTS = ("recipes", "datasets", "models", "losses")
+LISTS = ("recipes", "datasets", "models", "losses", "schemes")
 
 
 def _list(kind: str | None) -> None:
@@ -122,6 +122,10 @@ def _list(kind: str | None) -> None:
         elif name == "models":
             entries = {model: f"{info.description}{f'  (args: {a})' if (a := builder_arguments(info.builder)) else ''}"
                        for model, info in MODELS.items()}
+        elif name == "schemes":
+            from kdistill.schemes import scheme_descriptions
+
+            entries = scheme_descriptions()
         else:
             registry = {"datasets": DATASETS, "losses": LOSSES}[name]
             entries = {entry: info.description for entry, info in registry.items()}
@@ -245,6 +249,9 @@ def _run(args) -> None:
         print(annotated_yaml(cfg), end="")
         return
     progress = "quiet" if args.quiet or not distributed.is_main() else "auto"
+    if cfg.scheme != "offline":
+        _run_scheme(args, cfg, progress)
+        return
     if args.command == "check":
         with Pipeline(cfg, progress=progress, claim=False) as pipeline:
             print(pipeline.describe())
@@ -252,6 +259,27 @@ def _run(args) -> None:
     with Pipeline(cfg, resume=args.resume, discard=_discarded(args), trains=_trained(args),
                   progress=progress) as pipeline:
         _step(args, pipeline)
+
+
+def _run_scheme(args, cfg, progress: str) -> None:
+    """A recipe whose scheme is not offline: `run` runs it whole, `check` checks it; its parts are ordinary
+    run folders that the other commands can be pointed at."""
+    from kdistill.report import comparison_table, result_lines
+    from kdistill.schemes import SCHEMES, run_recipe
+    from kdistill.schemes.run import SchemeRun
+
+    if args.command == "check":
+        with SchemeRun(cfg, progress=progress, claim=False) as run:
+            print(f"scheme {cfg.scheme}: {SCHEMES[cfg.scheme].description}\nrun folder: {run.folder}")
+        return
+    if args.command != "run":
+        raise KdistillError(f"scheme {cfg.scheme} runs whole with `kdistill run`; its parts are ordinary run folders "
+                            f"inside {cfg.out_dir}/{cfg.name}, which `kdistill report FOLDER` reads")
+    metrics = run_recipe(cfg, resume=args.resume, force=args.force, progress=progress)
+    if metrics:
+        print(comparison_table(metrics))
+        print("", *result_lines(metrics), sep="\n")
+        print(f"report: {cfg.out_dir}/{cfg.name}/report.md; plots: {cfg.out_dir}/{cfg.name}/curves.png")
 
 
 def _step(args, pipeline) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import statistics
@@ -14,7 +15,9 @@ from torch import Tensor, nn
 from torch.utils.benchmark import Timer
 
 from kdistill.models import count_parameters
+from kdistill.storage import file_digest
 from kdistill.train import evaluate
+from kdistill.train.devices import device_name
 
 WARMUP_CALLS = 3
 # A teacher's lead over the baseline counts only beyond this many standard deviations of the
@@ -104,6 +107,55 @@ def busy_latency_note(metrics: dict) -> str | None:
     where = f"load average {load:.1f} on {cpus} CPUs, " if load is not None and cpus else ""
     return (f"latency measured on a busy machine ({where}rounds spread up to {100 * max(spreads):.0f} % of the "
             "median): the CPU figures are rough; time again on a quiet machine to compare them")
+
+
+class Entrant(NamedTuple):
+    """A model to compare: its weights' file (None for one assembled in memory, like an ensemble) and what
+    its row says besides the measured figures (architecture, training time, a title)."""
+
+    model: nn.Module
+    checkpoint: Path | None
+    info: dict
+
+
+def compare_models(entrants: Mapping[str, Entrant], test_loader, val_loader, data, eval_cfg,
+                   device: torch.device) -> tuple[dict, dict[str, Tensor]]:
+    """Every model measured once on the test set, side by side: (metrics, each model's [N] correct mask).
+
+    metrics holds the data's summary, one row per model (in the order given; agreement is with the
+    first), and the latency of all of them, timed in interleaved rounds on the CPU (and on the GPU
+    when they live there). The validation accuracy is of the selected weights, for reference.
+    """
+    metrics: dict = {"data": data.summary()}
+    correct = {}
+    reference = None
+    for label, (model, checkpoint, info) in entrants.items():
+        result = model_metrics(model, test_loader, teacher_predictions=reference, checkpoint=checkpoint)
+        if checkpoint is not None:
+            result.metrics["checkpoint_sha256"] = file_digest(checkpoint)
+        if reference is None:
+            reference = result.predictions
+        correct[label] = result.correct
+        metrics[label] = {"model": info.get("model", type(model).__name__),
+                          "val_accuracy": evaluate(model, val_loader).accuracy, **result.metrics,
+                          **{k: v for k, v in info.items() if k != "model"}}
+    batches = list(eval_cfg.latency_batches)
+    models = {label: entrant.model for label, entrant in entrants.items()}
+    # On the CPU (what a small deployment runs on) always; on the training GPU as well.
+    on_cpu = {label: copy.deepcopy(model).cpu() for label, model in models.items()} \
+        if device.type != "cpu" else models
+    metrics["latency_machine"] = machine_load()  # before timing: the load of what ran meanwhile
+    timings = latency_ms(on_cpu, data.input_shape, batches, eval_cfg.latency_repeats)
+    for label in models:
+        metrics[label]["latency_ms"] = timings.median[label]
+        metrics[label]["latency_spread"] = timings.spread[label]
+    metrics["latency_device"] = "cpu"
+    if device.type != "cpu":
+        timings = latency_ms(models, data.input_shape, batches, eval_cfg.latency_repeats)
+        for label in models:
+            metrics[label]["gpu_latency_ms"] = timings.median[label]
+        metrics["gpu_latency_device"] = device_name(device)
+    return metrics, correct
 
 
 class TestResult(NamedTuple):

@@ -174,6 +174,44 @@ def soft_targets(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     return F.softmax(_upcast(teacher_logits) / temperature, dim=-1)
 
 
+COMBINATIONS = ("mean", "weights", "confidence")
+
+
+def combine_teachers(teacher_logits: list[Tensor] | tuple[Tensor, ...], temperature: float = 1.0,
+                     combine: str = "mean", weights: list[float] | tuple[float, ...] | None = None) -> Tensor:
+    """Several teachers' logits [N, C] as one teacher's: logits z whose softened distribution is the
+    weighted mean of theirs, softmax(z / T) = sum_i w_i softmax(z_i / T), i.e.
+    z = T * logsumexp_i(log w_i + log_softmax(z_i / T)).
+
+    combine="mean": w_i = 1 / K. "weights": the given `weights`, normalised to sum to 1.
+    "confidence": per sample, w_i = softmax_i(-H_i) over the teachers, where H_i is the entropy
+    of teacher i's softened distribution: a confident (low-entropy) teacher weighs more, and no
+    label is needed, so it works on unlabelled samples too. Returns fp32 (fp64 stays fp64).
+    """
+    _check_temperature(temperature)
+    if combine not in COMBINATIONS:
+        raise ValueError(f"combine must be one of {COMBINATIONS}, got {combine!r}")
+    if not teacher_logits:
+        raise ValueError("combine_teachers needs at least one teacher's logits")
+    shapes = {tuple(t.shape) for t in teacher_logits}
+    if len(shapes) != 1 or teacher_logits[0].dim() != 2:
+        raise ValueError(f"every teacher's logits must be [N, C] of one shape, got {sorted(shapes)}")
+    log_p = torch.stack([F.log_softmax(_upcast(t) / temperature, dim=-1) for t in teacher_logits])  # [K, N, C]
+    count = log_p.shape[0]
+    if combine == "mean":
+        log_w = torch.full((count, 1, 1), -math.log(count), dtype=log_p.dtype, device=log_p.device)
+    elif combine == "weights":
+        if weights is None or len(weights) != count or not all(math.isfinite(w) and w >= 0 for w in weights) \
+                or sum(weights) <= 0:
+            raise ValueError(f"combine='weights' needs {count} finite weights >= 0, not all 0, got {weights!r}")
+        w = torch.tensor([float(x) for x in weights], dtype=log_p.dtype, device=log_p.device)
+        log_w = (w / w.sum()).log().view(count, 1, 1)
+    else:
+        entropy = -torch.where(log_p.isfinite(), log_p.exp() * log_p, 0.0).sum(-1)  # [K, N]
+        log_w = F.log_softmax(-entropy, dim=0).unsqueeze(-1)
+    return temperature * torch.logsumexp(log_w + log_p, dim=0)
+
+
 def cross_entropy(
     logits: Tensor,
     labels: Tensor,

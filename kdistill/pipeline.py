@@ -23,9 +23,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import json
 import os
+import shutil
 import statistics
 import time
 import warnings
@@ -49,12 +49,12 @@ from kdistill.distill.signals import (
 )
 from kdistill.distill.taps import check_tap_paths
 from kdistill.errors import KdistillError
-from kdistill.evaluation import gap_recovered, latency_ms, machine_load, model_metrics
+from kdistill.evaluation import Entrant, compare_models, gap_recovered
 from kdistill.losses import DistillInputs, Objective, build_objective, cross_entropy_objective
 from kdistill.models import count_parameters, create_model, output_classes
 from kdistill.report import ROLES, comparison_table, write_report
-from kdistill.storage import atomic_write_text, exclusive_lock, remove_stale_temporaries
-from kdistill.train import Progress, distributed, evaluate, fit, load_model, save_model
+from kdistill.storage import atomic_write_text, exclusive_lock, file_digest, remove_stale_temporaries
+from kdistill.train import Progress, distributed, fit, load_model, save_model
 from kdistill.train.devices import check_precision, device_name
 from kdistill.train.loop import STATE_FILE, unpack
 
@@ -276,6 +276,10 @@ class Pipeline:
             raise KdistillError(f"{run_dir} exists and was not made by kdistill (no {MARKER_FILE}); pick another "
                                 "name=... or out_dir=... (kdistill never writes into or clears a folder it did "
                                 "not make)")
+        scheme = self._read_json(run_dir / MARKER_FILE, "run record").get("scheme")
+        if scheme not in (None, "offline"):
+            raise KdistillError(f"{run_dir} holds a run of scheme {scheme}: pick another name=..., or run it with "
+                                f"scheme={scheme}")
         for role in ROLES:
             if self.role_dir(role).exists() and not self.role_dir(role).is_dir():
                 raise KdistillError(f"{self.role_dir(role)} is a file: kdistill keeps the {role}'s files in a folder "
@@ -364,6 +368,22 @@ class Pipeline:
 
     def role_dir(self, role: str) -> Path:
         return self.run_dir / role
+
+    def adopt(self, role: str, source: Path) -> None:
+        """Take `source`, another run's folder of a model trained exactly as this run's `role` would be
+        (same model, training, data and seed), as this run's `role`, unless it is done already."""
+        target = self.role_dir(role)
+        if self.done(role) or not (source / MODEL_FILE).exists():
+            return
+        partial = target.with_name(f"{role}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        for name in ROLE_FILES:
+            if name != STATE_FILE and (source / name).exists():
+                shutil.copy2(source / name, partial / name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+        self._models.pop(role, None)
 
     def done(self, role: str) -> bool:
         return (self.role_dir(role) / MODEL_FILE).exists()
@@ -550,44 +570,17 @@ class Pipeline:
         if not self.available("teacher"):
             raise KdistillError(f"no trained teacher in {self.run_dir}: run `kdistill train` first "
                                 "or set teacher.checkpoint")
-        models = {role: self.model(role) for role in ROLES if self.available(role)}
-        test, val = self.loader("test"), self.loader("val")
-        metrics: dict = {"data": self.data.summary()}
-        correct = {}
-        teacher_predictions = None
-        for role, model in models.items():
-            checkpoint = Path(cfg.teacher.checkpoint) if role == "teacher" and cfg.teacher.checkpoint else \
-                self.role_dir(role) / MODEL_FILE
-            result = model_metrics(model, test, teacher_predictions=teacher_predictions, checkpoint=checkpoint)
-            result.metrics["checkpoint_sha256"] = _file_digest(checkpoint)
-            if role == "teacher":
-                teacher_predictions = result.predictions
-            correct[role] = result.correct
+        entrants = {}
+        for role in ROLES:
+            if not self.available(role):
+                continue
             summary = self.summary(role)
-            metrics[role] = {
+            entrants[role] = Entrant(self.model(role), self.checkpoint_path(role), {
                 "model": self.specs[role].name,
-                "val_accuracy": evaluate(model, val).accuracy,
-                **result.metrics,
-                "train_seconds": summary.get("train_seconds"),
-                "train_samples_per_second": summary.get("train_samples_per_second"),
-                "median_epoch_seconds": summary.get("median_epoch_seconds"),
-                "best_epoch": summary.get("best_epoch"),
-            }
-        batches = list(cfg.eval.latency_batches)
-        # On the CPU (what a small deployment runs on) always; on the training GPU as well.
-        on_cpu = {role: copy.deepcopy(model).cpu() for role, model in models.items()} \
-            if self.device.type != "cpu" else models
-        metrics["latency_machine"] = machine_load()  # before timing: the load of what ran meanwhile
-        timings = latency_ms(on_cpu, self.data.input_shape, batches, cfg.eval.latency_repeats)
-        for role in models:
-            metrics[role]["latency_ms"] = timings.median[role]
-            metrics[role]["latency_spread"] = timings.spread[role]
-        metrics["latency_device"] = "cpu"
-        if self.device.type != "cpu":
-            timings = latency_ms(models, self.data.input_shape, batches, cfg.eval.latency_repeats)
-            for role in models:
-                metrics[role]["gpu_latency_ms"] = timings.median[role]
-            metrics["gpu_latency_device"] = device_name(self.device)
+                **{key: summary.get(key) for key in ("train_seconds", "train_samples_per_second",
+                                                     "median_epoch_seconds", "best_epoch")}})
+        metrics, correct = compare_models(entrants, self.loader("test"), self.loader("val"), self.data,
+                                          cfg.eval, self.device)
         if {"teacher", "baseline", "student"} <= metrics.keys():
             metrics["gap_recovered"], metrics["gap_recovered_note"] = gap_recovered(
                 correct["teacher"], correct["baseline"], correct["student"])
@@ -598,6 +591,12 @@ class Pipeline:
             metrics["teacher_signal"] = self.summary("student").get("teacher_signal")
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2))
         return metrics
+
+    def checkpoint_path(self, role: str) -> Path:
+        """The file a role's weights are read from: the run folder's, or the teacher checkpoint given."""
+        if role == "teacher" and self.cfg.teacher.checkpoint:
+            return Path(self.cfg.teacher.checkpoint)
+        return self.role_dir(role) / MODEL_FILE
 
     def report(self, metrics: dict | None = None) -> str:
         if metrics is None:
@@ -620,9 +619,8 @@ class Pipeline:
             recorded = metrics.get(role, {}).get("checkpoint_sha256") if isinstance(metrics.get(role), dict) else None
             if recorded is None:
                 continue
-            checkpoint = Path(self.cfg.teacher.checkpoint) if role == "teacher" and self.cfg.teacher.checkpoint \
-                else self.role_dir(role) / MODEL_FILE
-            if not checkpoint.is_file() or _file_digest(checkpoint) != recorded:
+            checkpoint = self.checkpoint_path(role)
+            if not checkpoint.is_file() or file_digest(checkpoint) != recorded:
                 raise KdistillError(f"metrics.json describes a {role} whose weights ({checkpoint}) have changed since; "
                                     "run `kdistill eval` to measure the models as they are")
 
@@ -681,14 +679,6 @@ def _names(roles: Collection[str]) -> str:
     return " and ".join(role for role in ROLES if role in roles)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_batch_split(batch_size: int, key: str) -> None:
     """Each process needs at least one sample of every global batch."""
     processes = distributed.world_size()
@@ -744,15 +734,19 @@ def augmentation(train_cfg) -> Augment | None:
 NEUTRAL_KEYS = ("out_dir", "threads", "device", "data.root", "data.download", "data.on_device", "distill.cache_dir",
                 "eval.", *(f"{train}.{key}" for train in ("train", "teacher.train")
                            for key in ("log_every_steps", "checkpoint_every_steps", "compile")))
+# The other schemes' sections: an offline run (a scheme's part too) does not read them.
+SCHEME_SECTIONS = ("online.", "self_distill.", "multi_teacher.", "assistant.")
 
 
 def changed_keys(old: DictConfig, new: DictConfig) -> list[str]:
     """The config keys whose values differ, leaving out NEUTRAL_KEYS; and the teacher's training keys when
     both load the same teacher checkpoint (it is loaded, not trained: a recipe's new teacher schedule
     changes nothing there)."""
-    flat_old = flatten(OmegaConf.to_container(old, resolve=True))
-    flat_new = flatten(OmegaConf.to_container(new, resolve=True))
+    flat_old = {"scheme": "offline", **flatten(OmegaConf.to_container(old, resolve=True))}  # older configs
+    flat_new = {"scheme": "offline", **flatten(OmegaConf.to_container(new, resolve=True))}
     neutral = NEUTRAL_KEYS
+    if flat_old["scheme"] == flat_new["scheme"] == "offline":
+        neutral += SCHEME_SECTIONS
     if flat_old.get("teacher.checkpoint") and flat_old.get("teacher.checkpoint") == flat_new.get("teacher.checkpoint"):
         neutral += ("teacher.train.",)
     return sorted(k for k in flat_old.keys() | flat_new.keys()

@@ -22,24 +22,33 @@ def _number(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def rows_of(metrics: dict) -> list[str]:
+    """The models a metrics.json describes, in table order: a scheme lists its own (`rows`), a run has ROLES."""
+    rows = metrics.get("rows")
+    return [row for row in (rows if isinstance(rows, list) else ROLES) if isinstance(metrics.get(row), dict)]
+
+
+def row_title(metrics: dict, row: str) -> str:
+    return metrics[row].get("title") or ROLE_TITLES.get(row, row)
+
+
 def comparison_table(metrics: dict) -> str:
     """The side-by-side table (Markdown), shared by report.md and the CLI's output."""
+    roles = rows_of(metrics)
     # CPU latency always; GPU latency too when the models trained on one.
     timed = [(kind, key) for kind, key in (("cpu", "latency_ms"), ("gpu", "gpu_latency_ms"))
-             if any(key in metrics.get(role, {}) for role in ROLES)]
+             if any(key in metrics[role] for role in roles)]
     columns = [(kind, key, batch) for kind, key in timed
-               for batch in sorted({k for role in ROLES if role in metrics for k in metrics[role].get(key, {})},
+               for batch in sorted({k for role in roles for k in metrics[role].get(key, {})},
                                    key=lambda k: int(k.split("_")[1]))]
     header = ["model", "arch", "test acc", "val acc", "test NLL", "agreement", "params", "checkpoint",
               *[f"{kind.upper()} b{batch.split('_')[1]} (ms)" for kind, _, batch in columns], "train s", "samples/s"]
     rows = [header, ["---"] * len(header)]
-    for role in ROLES:
-        if role not in metrics:
-            continue
+    for role in roles:
         m = metrics[role]
         size = m.get("checkpoint_bytes")
         rows.append([
-            ROLE_TITLES[role], m.get("model", ""), _percent(m["test_accuracy"]), _percent(m.get("val_accuracy")),
+            row_title(metrics, role), m.get("model", ""), _percent(m["test_accuracy"]), _percent(m.get("val_accuracy")),
             _number(m["test_nll"], 4), _percent(m["agreement"]), f"{m['params']:,}",
             "–" if size is None else f"{size / 1024:,.0f} KiB",
             *[_number(m.get(key, {}).get(batch), 3) for _, key, batch in columns],
@@ -76,22 +85,26 @@ def data_line(metrics: dict) -> str | None:
 def class_table(metrics: dict) -> str | None:
     """Test accuracy per class and model (Markdown), when the metrics hold it."""
     data = metrics.get("data")
-    roles = [role for role in ROLES if "class_accuracy" in metrics.get(role, {})]
+    roles = [role for role in rows_of(metrics) if "class_accuracy" in metrics[role]]
     if not isinstance(data, dict) or not roles:
         return None
-    rows = [["class", *(ROLE_TITLES[role] for role in roles)], ["---"] * (len(roles) + 1)]
+    rows = [["class", *(row_title(metrics, role) for role in roles)], ["---"] * (len(roles) + 1)]
     for i, name in enumerate(data["classes"]):
         rows.append([name, *(_percent(metrics[role]["class_accuracy"][i]) for role in roles)])
     return "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
 
 
-def write_report(run_dir: Path, metrics: dict, config_yaml: str) -> None:
+def write_report(run_dir: Path, metrics: dict, config_yaml: str, histories: dict[str, Path] | None = None,
+                 notes: list[str] = ()) -> None:
+    """report.md and curves.png; a scheme passes its models' histories and what its table cannot say."""
+    scheme = metrics.get("scheme")
     lines = [
-        f"# kdistill run `{run_dir.name}`",
+        f"# kdistill run `{run_dir.name}`" + (f" (scheme: {scheme})" if scheme else ""),
         "",
         comparison_table(metrics),
         "",
         *[f"{line[0].upper()}{line[1:]}." for line in result_lines(metrics)],
+        *notes,
         "",
         f"Latency: median forward time on the {metrics.get('latency_device', 'cpu').upper()}"
         + (f" and on the GPU {metrics['gpu_latency_device']} (warmed up, synchronised)"
@@ -118,7 +131,7 @@ def write_report(run_dir: Path, metrics: dict, config_yaml: str) -> None:
         "",
     ]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
-    write_curves(run_dir)
+    write_curves(run_dir, histories)
 
 
 def read_history(path: Path) -> list[dict]:
@@ -141,8 +154,9 @@ def read_history(path: Path) -> list[dict]:
     return history
 
 
-def write_curves(run_dir: Path) -> None:
-    """curves.png: training loss and validation accuracy per epoch for the three models."""
+def write_curves(run_dir: Path, histories: dict[str, Path] | None = None) -> None:
+    """curves.png: training loss and validation accuracy per epoch, for the three models of a run or, with
+    `histories` ({title: metrics.jsonl}), for the models a scheme trained."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,14 +164,16 @@ def write_curves(run_dir: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for role in ROLES:
-        history = read_history(run_dir / role / "metrics.jsonl")
+    if histories is None:
+        histories = {ROLE_TITLES[role]: run_dir / role / "metrics.jsonl" for role in ROLES}
+    for title, path in histories.items():
+        history = read_history(path)
         if not history:
             continue
         epochs = [r["epoch"] for r in history]
-        ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label=ROLE_TITLES[role])
+        ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label=title)
         if all(isinstance(r.get("val_accuracy"), (int, float)) for r in history):
-            ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], marker="o", label=ROLE_TITLES[role])
+            ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], marker="o", label=title)
     ax_loss.set(title="training loss (each model's own objective)", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -171,3 +172,12 @@ def _holder(fd: int) -> str:
     # The holder writes its PID just after locking: an empty file means it has not done so yet.
     text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     return text if text.isdigit() else "unknown"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -342,6 +342,9 @@ def validate(cfg: DictConfig) -> None:
     # Loss terms are checked against their registered signatures.
     build_objective(cfg.distill.losses, cfg.distill.temperature, cfg.distill.normalize_weights,
                     cfg.train.label_smoothing, cfg.train.epochs)
+    from kdistill.schemes import check_scheme  # here: the schemes import the pipeline, which imports this module
+
+    check_scheme(cfg)
 
 
 def train_config(**options) -> DictConfig:

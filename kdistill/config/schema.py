@@ -106,6 +106,44 @@ class DistillConfig:
 
 
 @dataclass
+class ListedModel:
+    """A model in a scheme's list (peers, teachers, assistants)."""
+
+    name: str = "seed_student"  # a registered model (`kdistill list models`) or module.path:ClassName
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the model's builder
+    checkpoint: Optional[str] = None  # multi_teacher: a .safetensors file to load instead of training
+
+
+@dataclass
+class OnlineConfig:
+    # mutual: the student and its peers learn from each other's outputs (Zhang et al. 2018); teacher: the
+    # recipe's teacher trains alongside on the labels and the student learns from it live
+    mode: str = "mutual"  # mutual | teacher
+    peers: List[ListedModel] = field(default_factory=list)  # mutual: the student's peers; [] = one copy of it
+
+
+@dataclass
+class SelfDistillConfig:
+    generations: int = 2  # born-again generations after the first, each taught by the one before
+
+
+@dataclass
+class MultiTeacherConfig:
+    # the teachers, each trained with teacher.train or loaded from its checkpoint
+    teachers: List[ListedModel] = field(default_factory=list)
+    # how their softened outputs become one target: mean | weights (fixed) | confidence (per sample: lower
+    # entropy weighs more)
+    combine: str = "mean"
+    weights: List[float] = field(default_factory=list)  # combine=weights: one per teacher
+
+
+@dataclass
+class AssistantConfig:
+    # teacher -> these assistants, in order -> student; each link an ordinary distillation run
+    chain: List[ListedModel] = field(default_factory=list)
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 1000  # batch of the test and validation passes
     latency_batches: List[int] = field(default_factory=lambda: [1, 256])  # batch sizes timed
@@ -115,6 +153,8 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     name: str = "run"  # the run folder is <out_dir>/<name>
+    # how teachers and students are arranged (`kdistill list schemes`)
+    scheme: str = "offline"  # offline | online | self | multi_teacher | assistant
     out_dir: str = "runs"  # where run folders are made
     seed: int = 0  # fixes model init, shuffling, augmentation and dropout
     threads: Optional[int] = None  # torch intra-op threads; null = PyTorch's default
@@ -125,3 +165,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # student and baseline training
     distill: DistillConfig = field(default_factory=DistillConfig)  # the student's objective
     eval: EvalConfig = field(default_factory=EvalConfig)  # the final test-set evaluation and latency
+    online: OnlineConfig = field(default_factory=OnlineConfig)  # scheme online
+    self_distill: SelfDistillConfig = field(default_factory=SelfDistillConfig)  # scheme self
+    multi_teacher: MultiTeacherConfig = field(default_factory=MultiTeacherConfig)  # scheme multi_teacher
+    assistant: AssistantConfig = field(default_factory=AssistantConfig)  # scheme assistant

@@ -1,0 +1,154 @@
+"""Chains of ordinary distillation runs, each link's student the next link's teacher.
+
+- `assistant` (Mirzadeh et al. 2020, "Improved Knowledge Distillation via Teacher Assistant"):
+  teacher -> assistant(s) -> student, the gap bridged in steps.
+- `self`, born-again networks (Furlanello et al. 2018): the student's own architecture trained
+  from scratch is generation 0; each next generation, the same architecture, is distilled from
+  the one before; the generations' ensemble is reported too.
+
+Every link is an ordinary run folder (`link1/`, `link2/`, ... or `gen1/`, ...) with its teacher
+given as `teacher.checkpoint`: the previous link's student file, so its soft labels are cached
+like any teacher's. A link whose teacher changed (its previous link's student was retrained)
+retrains its student; everything else that is done is kept, and a killed chain resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import OmegaConf
+
+from kdistill.distill.ensemble import Ensemble
+from kdistill.errors import KdistillError
+from kdistill.evaluation import Entrant
+from kdistill.pipeline import MODEL_FILE, Pipeline
+from kdistill.schemes import register_scheme
+from kdistill.schemes.run import SchemeRun, entrant
+from kdistill.storage import file_digest
+
+MAX_LINKS = 20
+
+
+@dataclass
+class Link:
+    name: str  # the run folder's name inside the scheme's folder
+    updates: dict[str, Any]  # config changes from the recipe
+    before: Callable[[Pipeline], None] | None = None  # what to do in the claimed folder before it runs
+    checks: list = field(default_factory=list)  # (spec, key) of models to build before anything trains
+
+
+def _spec(model) -> dict[str, Any]:
+    return {"name": model.name, "kwargs": OmegaConf.to_container(model.kwargs, resolve=True)}
+
+
+def run_links(run: SchemeRun, links: list[Link]) -> list[Pipeline]:
+    """Run the links in order; returns their (closed) pipelines. Every listed model is built once the
+    data is loaded (the first link's), before anything trains."""
+    pipelines: list[Pipeline] = []
+    teacher_changed = False
+    for number, link in enumerate(links):
+        cfg = run.part_config(link.name, link.updates)
+        student_file = run.folder / link.name / "student" / MODEL_FILE
+        before = file_digest(student_file) if student_file.exists() else None
+        run.progress.line(f"[{run.cfg.scheme}] {link.name}: {cfg.teacher.name} -> {cfg.student.name}")
+        with run.pipeline(cfg, discard=("student",) if teacher_changed else ()) as pipeline:
+            if number == 0:
+                for spec, key in (check for later in links for check in later.checks):
+                    run.check_model(spec, key, pipeline.data)
+            if link.before is not None:
+                link.before(pipeline)
+            pipeline.run()
+        teacher_changed = before != file_digest(student_file)
+        pipelines.append(pipeline)
+    return pipelines
+
+
+def _histories(pipelines: list[Pipeline], title: Callable[[int], str]) -> dict[str, Path]:
+    return {title(i): p.role_dir("student") / "metrics.jsonl" for i, p in enumerate(pipelines)}
+
+
+# -- teacher assistants ------------------------------------------------------------------------
+def check_assistant(cfg) -> None:
+    chain = cfg.assistant.chain
+    if not chain:
+        raise KdistillError("assistant.chain is empty: list the assistants between teacher and student, e.g. "
+                            "assistant.chain='[{name: resnet, kwargs: {width: 16}}]'")
+    if len(chain) >= MAX_LINKS:
+        raise KdistillError(f"assistant.chain lists {len(chain)} assistants; at most {MAX_LINKS - 1}")
+    for i, model in enumerate(chain):
+        if model.checkpoint:
+            raise KdistillError(f"assistant.chain[{i}].checkpoint: assistants are trained by the chain, each "
+                                "distilled from the link before; to start from a trained teacher set "
+                                "teacher.checkpoint")
+
+
+@register_scheme("assistant", "teacher -> assistant(s) -> student, each link an ordinary distillation run "
+                              "(Mirzadeh et al. 2020)", check_assistant)
+def assistant(run: SchemeRun) -> dict:
+    cfg = run.cfg
+    models = [_spec(cfg.teacher), *(_spec(m) for m in cfg.assistant.chain), _spec(cfg.student)]
+    links = []
+    for k in range(1, len(models)):
+        updates = {"teacher.name": models[k - 1]["name"], "teacher.kwargs": models[k - 1]["kwargs"],
+                   "student.name": models[k]["name"], "student.kwargs": models[k]["kwargs"]}
+        if k > 1:
+            updates["teacher.checkpoint"] = str(run.folder / f"link{k - 1}" / "student" / MODEL_FILE)
+        checks = [(model, f"assistant.chain[{i}]") for i, model in enumerate(cfg.assistant.chain)] if k == 1 else []
+        links.append(Link(f"link{k}", updates, checks=checks))
+    pipelines = run_links(run, links)
+    entrants = {"teacher": entrant(pipelines[0], "teacher", "teacher")}
+    for k, pipeline in enumerate(pipelines[:-1], start=1):
+        name = pipeline.specs["student"].name
+        entrants[f"assistant{k}"] = entrant(pipeline, "student", f"assistant {k} distilled ({name})")
+        entrants[f"assistant{k}_scratch"] = entrant(pipeline, "baseline", f"assistant {k} from scratch ({name})")
+    entrants["baseline"] = entrant(pipelines[-1], "baseline", "student from scratch")
+    entrants["student"] = entrant(pipelines[-1], "student", "student distilled through the chain")
+    histories = _histories(pipelines, lambda i: f"link {i + 1} student")
+    return run.compare(entrants, pipelines[-1], histories=histories)
+
+
+# -- born-again networks -------------------------------------------------------------------------
+def check_self(cfg) -> None:
+    generations = cfg.self_distill.generations
+    if not (isinstance(generations, int) and 1 <= generations < MAX_LINKS):
+        raise KdistillError(f"self_distill.generations: born-again generations after the first, 1 to "
+                            f"{MAX_LINKS - 1}; got {generations!r}")
+
+
+def _generation_zero(pipeline: Pipeline) -> None:
+    """Generation 0 is the student trained from scratch exactly as the baseline is (same model, training,
+    seed and batches): train it once, as the baseline, and take it as the teacher."""
+    pipeline.model("baseline")
+    pipeline.adopt("teacher", pipeline.role_dir("baseline"))
+
+
+@register_scheme("self", "born-again networks: the student's architecture teaches itself, generation after "
+                         "generation, and their ensemble is reported (Furlanello et al. 2018)", check_self)
+def born_again(run: SchemeRun) -> dict:
+    cfg = run.cfg
+    student = _spec(cfg.student)
+    same = {"teacher.name": student["name"], "teacher.kwargs": student["kwargs"]}
+    links = [Link("gen1", {**same, "teacher.checkpoint": None,
+                           "teacher.train": OmegaConf.to_container(cfg.train, resolve=True)},
+                  before=_generation_zero)]
+    for k in range(2, cfg.self_distill.generations + 1):
+        first_baseline = run.folder / "gen1" / "baseline"
+        links.append(Link(f"gen{k}", {**same, "teacher.checkpoint": str(run.folder / f"gen{k - 1}" / "student" /
+                                                                        MODEL_FILE)},
+                          before=lambda pipeline, source=first_baseline: pipeline.adopt("baseline", source)))
+    pipelines = run_links(run, links)
+    last = len(pipelines)
+    entrants = {"teacher": entrant(pipelines[0], "teacher", "generation 0 (from scratch)")}
+    for k, pipeline in enumerate(pipelines[:-1], start=1):
+        entrants[f"gen{k}"] = entrant(pipeline, "student", f"generation {k}")
+    entrants["student"] = entrant(pipelines[-1], "student", f"generation {last}")
+    members = [pipeline.model("student") for pipeline in pipelines]
+    entrants["ensemble"] = Entrant(Ensemble(members), None, {
+        "model": f"{last} x {student['name']}", "title": f"ensemble of generations 1-{last}"})
+    histories = {"generation 0": pipelines[0].role_dir("teacher") / "metrics.jsonl",
+                 **_histories(pipelines, lambda i: f"generation {i + 1}")}
+    return run.compare(entrants, pipelines[-1], histories=histories,
+                       notes=["Generation 0 is the student trained from scratch: it is also the baseline."],
+                       aliases={"baseline": ("teacher", "student from scratch (= generation 0)")})

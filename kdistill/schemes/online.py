@@ -1,0 +1,1 @@
+"""Online distillation (placeholder until written)."""

@@ -1,0 +1,150 @@
+"""The folder of a scheme's run, and the side-by-side comparison of every model the scheme made.
+
+    <out_dir>/<name>/
+        .kdistill-run.json     kdistill's marker, naming the scheme
+        .lock, config.yaml     one process at a time; the recipe as resolved
+        link1/ link2/ ...      the scheme's parts: ordinary run folders (assistant, self, multi_teacher)
+        metrics.json, report.md, curves.png    every model the scheme made, measured side by side
+
+A scheme never trains anything itself but through `fit` (the one loop) or a `Pipeline` (an
+ordinary run folder); this class only claims the folder, derives the parts' configs from the
+recipe and measures the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kdistill import __version__
+from kdistill.errors import KdistillError
+from kdistill.evaluation import Entrant, compare_models, gap_recovered
+from kdistill.models import create_model, output_classes
+from kdistill.pipeline import CONFIG_FILE, DERIVED_FILES, LOCK_FILE, MARKER_FILE, ROLES, Pipeline
+from kdistill.report import write_report
+from kdistill.storage import atomic_write_text, exclusive_lock
+from kdistill.train import Progress
+
+
+class SchemeRun:
+    """`<out_dir>/<name>/` for a recipe whose `scheme` is not offline; a context manager (holds the lock).
+
+    `force` retrains every part; `resume` continues interrupted trainings; `claim=False` checks and
+    writes nothing (`kdistill check`).
+    """
+
+    def __init__(self, cfg: DictConfig, *, resume: bool = False, force: bool = False, progress: str = "auto",
+                 claim: bool = True):
+        self.cfg, self.resume, self.force = cfg, resume, force
+        self.progress_mode = progress
+        self.progress = Progress(progress)
+        self.folder = Path(cfg.out_dir) / cfg.name
+        self._stack = contextlib.ExitStack()
+        self._check_folder()
+        if claim:
+            self._claim()
+
+    def __enter__(self) -> "SchemeRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _check_folder(self) -> None:
+        folder = self.folder
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise KdistillError(f"out_dir/name: {folder} is a file or a link, not a folder; pick another name=")
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return
+        marker = folder / MARKER_FILE
+        try:
+            scheme = json.loads(marker.read_text()).get("scheme", "offline")
+        except (OSError, ValueError, AttributeError):
+            raise KdistillError(f"{folder} exists and was not made by kdistill (no readable {MARKER_FILE}); pick "
+                                "another name=... or out_dir=...") from None
+        if scheme != self.cfg.scheme:
+            raise KdistillError(f"{folder} holds a run of scheme {scheme}, not {self.cfg.scheme}: pick another "
+                                "name=... (kdistill never mixes the folders of two schemes)")
+
+    def _claim(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise KdistillError(f"cannot write the run folder {self.folder} ({err.strerror or err}); set out_dir= "
+                                "to a writable folder") from None
+        if not (self.folder / MARKER_FILE).exists():
+            atomic_write_text(self.folder / MARKER_FILE, json.dumps(
+                {"made_by": "kdistill", "version": __version__, "scheme": self.cfg.scheme}, indent=2))
+        self._stack.enter_context(exclusive_lock(self.folder / LOCK_FILE, f"run folder {self.folder}"))
+        atomic_write_text(self.folder / CONFIG_FILE, OmegaConf.to_yaml(self.cfg, resolve=True))
+        for name in DERIVED_FILES:  # they describe the models as they were
+            (self.folder / name).unlink(missing_ok=True)
+
+    # -- the parts ------------------------------------------------------------------------
+    def part_config(self, name: str, updates: dict[str, Any]) -> DictConfig:
+        """The recipe as an ordinary (offline) run named `name` inside this folder, with `updates`
+        ({dotted key: value}; a model's kwargs are replaced whole, a schema section is merged into)."""
+        cfg = copy.deepcopy(self.cfg)
+        OmegaConf.set_readonly(cfg, False)
+        cfg.scheme, cfg.out_dir, cfg.name = "offline", str(self.folder), name
+        for key, value in updates.items():
+            OmegaConf.update(cfg, key, value, merge=not key.endswith(".kwargs"))
+        OmegaConf.set_readonly(cfg, True)
+        return cfg
+
+    def pipeline(self, cfg: DictConfig, *, discard=(), claim: bool = True) -> Pipeline:
+        return Pipeline(cfg, resume=self.resume, discard=tuple(ROLES) if self.force else discard,
+                        progress=self.progress_mode, claim=claim)
+
+    @staticmethod
+    def check_model(spec, key: str, data) -> nn.Module:
+        """Build a listed model on the CPU; a wrong name, argument or class count is one line naming `key`."""
+        kwargs = OmegaConf.to_container(spec.kwargs, resolve=True)
+        try:
+            model = create_model(spec.name, data.input_shape, data.num_classes, **kwargs)
+        except KdistillError as error:
+            raise KdistillError(f"{key}: {error}") from None
+        classes = output_classes(model, data.input_shape)
+        if classes != data.num_classes:
+            raise KdistillError(f"{key} '{spec.name}' outputs {classes} classes but {data.name} has "
+                                f"{data.num_classes}: every model of the scheme must agree with the data")
+        return model
+
+    # -- the result -----------------------------------------------------------------------
+    def compare(self, entrants: dict[str, Entrant], pipeline: Pipeline, *, histories: dict[str, Path],
+                notes: list[str] = (), aliases: dict[str, tuple[str, str]] | None = None) -> dict:
+        """Measure every model side by side (agreement with the first), write metrics.json and report.md.
+
+        Rows labelled teacher, baseline and student keep those meanings (what sweeps and reports read),
+        and give the gap recovered when all three are there. `aliases` {label: (row, title)} names a
+        measured row once more, outside the table (born-again's generation 0 is also the baseline).
+        """
+        metrics, correct = compare_models(entrants, pipeline.loader("test"), pipeline.loader("val"),
+                                          pipeline.data, self.cfg.eval, pipeline.device)
+        metrics = {"scheme": self.cfg.scheme, "rows": list(entrants), **metrics}
+        for label, (row, title) in (aliases or {}).items():
+            metrics[label] = {**metrics[row], "title": title}
+        if {"teacher", "baseline", "student"} <= correct.keys():
+            metrics["gap_recovered"], metrics["gap_recovered_note"] = gap_recovered(
+                correct["teacher"], correct["baseline"], correct["student"])
+        atomic_write_text(self.folder / "metrics.json", json.dumps(metrics, indent=2))
+        write_report(self.folder, metrics, OmegaConf.to_yaml(self.cfg, resolve=True), histories, list(notes))
+        return metrics
+
+
+def row_info(pipeline: Pipeline, role: str, title: str) -> dict:
+    """What a part's model brings to its row besides the measured figures."""
+    summary = pipeline.summary(role) if pipeline.done(role) else {}
+    return {"model": pipeline.specs[role].name, "title": title,
+            **{key: summary.get(key) for key in ("train_seconds", "train_samples_per_second",
+                                                 "median_epoch_seconds", "best_epoch")}}
+
+
+def entrant(pipeline: Pipeline, role: str, title: str) -> Entrant:
+    return Entrant(pipeline.model(role), pipeline.checkpoint_path(role), row_info(pipeline, role, title))
