@@ -334,6 +334,17 @@ def cached_teacher_logits(teacher: nn.Module, loader, images: Tensor, preprocess
     """
     log = log or _to_stderr
     cache_dir = check_cache_dir(cache_dir)
+    configs = getattr(teacher, "member_configs", None)
+    if configs:  # an Ensemble: each member's entry is the one a run with that teacher alone makes
+        entries = [cached_teacher_logits(member, loader, images, preprocessing, cache_dir, precision,
+                                         teacher_config=config, log=log, main=main, total=total)
+                   for member, config in zip(teacher.members, configs, strict=True)]
+        for number, (_, path, built) in enumerate(entries, start=1):
+            log(f"teacher {number} of {len(entries)}: soft labels {'computed and stored' if built else 'loaded'}: "
+                f"{path}")
+        table = teacher.combine_logits([logits for logits, _, _ in entries])
+        return (TopKLogits.of(table, top_k) if 0 < top_k < table.shape[1] else table), entries[0][1], \
+            any(built for _, _, built in entries)
     if top_k and top_k >= _probe_outputs(teacher, _probe_inputs(loader, 1)).shape[1]:
         top_k = 0  # k >= C: every logit is kept anyway
     key = soft_label_key(teacher, images, preprocessing, precision, teacher_config=teacher_config, top_k=top_k)

@@ -4,7 +4,7 @@ Registered names are in `MODELS`; a name with a colon, `"module.path:ClassName"`
 user's own nn.Module subclass instead.
 """
 
-from kdistill.models import cifar, mlp, resnet, seed_cnn  # noqa: F401  (imported to run their @register_model)
+from kdistill.models import cifar, ensemble, mlp, resnet, seed_cnn  # noqa: F401  (imported to run their @register_model)
 from kdistill.models.probe import count_parameters, output_classes
 from kdistill.models.registry import MODELS, ModelInfo, create_model, register_model
 

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
-from kdistill.distill.ensemble import Ensemble
 from kdistill.errors import KdistillError
 from kdistill.evaluation import Entrant
+from kdistill.models.ensemble import Ensemble
 from kdistill.pipeline import MODEL_FILE, Pipeline
 from kdistill.schemes import register_scheme
 from kdistill.schemes.run import SchemeRun, entrant

@@ -29,7 +29,7 @@ from kdistill.models import create_model, output_classes
 from kdistill.pipeline import CONFIG_FILE, DERIVED_FILES, LOCK_FILE, MARKER_FILE, ROLES, Pipeline
 from kdistill.report import write_report
 from kdistill.storage import atomic_write_text, exclusive_lock
-from kdistill.train import Progress
+from kdistill.train import Progress, load_model
 
 
 class SchemeRun:
@@ -98,13 +98,14 @@ class SchemeRun:
         OmegaConf.set_readonly(cfg, True)
         return cfg
 
-    def pipeline(self, cfg: DictConfig, *, discard=(), claim: bool = True) -> Pipeline:
-        return Pipeline(cfg, resume=self.resume, discard=tuple(ROLES) if self.force else discard,
+    def pipeline(self, cfg: DictConfig, *, discard=(), trains=ROLES, claim: bool = True) -> Pipeline:
+        return Pipeline(cfg, resume=self.resume, discard=tuple(ROLES) if self.force else discard, trains=trains,
                         progress=self.progress_mode, claim=claim)
 
     @staticmethod
     def check_model(spec, key: str, data) -> nn.Module:
-        """Build a listed model on the CPU; a wrong name, argument or class count is one line naming `key`."""
+        """Build a listed model on the CPU (and load its checkpoint, if it names one); a wrong name,
+        argument, class count or checkpoint is one line naming `key`."""
         kwargs = OmegaConf.to_container(spec.kwargs, resolve=True)
         try:
             model = create_model(spec.name, data.input_shape, data.num_classes, **kwargs)
@@ -114,6 +115,11 @@ class SchemeRun:
         if classes != data.num_classes:
             raise KdistillError(f"{key} '{spec.name}' outputs {classes} classes but {data.name} has "
                                 f"{data.num_classes}: every model of the scheme must agree with the data")
+        checkpoint = getattr(spec, "checkpoint", None)
+        if checkpoint:
+            if not Path(checkpoint).is_file():
+                raise KdistillError(f"{key}.checkpoint: {checkpoint} not found; give the path of a .safetensors file")
+            load_model(Path(checkpoint), model, what=f"{key} '{spec.name}'")
         return model
 
     # -- the result -----------------------------------------------------------------------
