@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,10 @@ class SchemeRun:
         self.progress_mode = progress
         self.progress = Progress(progress)
         self.folder = Path(cfg.out_dir) / cfg.name
+        self.main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the scheme's files
         self._stack = contextlib.ExitStack()
         self._check_folder()
-        if claim:
+        if claim and self.main:
             self._claim()
 
     def __enter__(self) -> "SchemeRun":
@@ -131,6 +133,8 @@ class SchemeRun:
         and give the gap recovered when all three are there. `aliases` {label: (row, title)} names a
         measured row once more, outside the table (born-again's generation 0 is also the baseline).
         """
+        if not self.main:
+            return {}
         metrics, correct = compare_models(entrants, pipeline.loader("test"), pipeline.loader("val"),
                                           pipeline.data, self.cfg.eval, pipeline.device)
         metrics = {"scheme": self.cfg.scheme, "rows": list(entrants), **metrics}

@@ -252,15 +252,26 @@ def _epoch_batches(loader, epoch: int, start_step: int):
     return batches
 
 
-def _optimize(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-              grad_clip: float | None) -> None:
+def _optimizers(distiller, cfg) -> list[tuple[torch.optim.Optimizer, object]]:
+    """(optimizer, its TrainConfig) per group of parameters: one for a Distiller; one per model for
+    a scheme that trains several together (`optimizer_groups(cfg)`: each its own optimizer, learning
+    rate, schedule and gradient clipping, over the loop's epochs)."""
+    groups = getattr(distiller, "optimizer_groups", None)
+    pairs = groups(cfg) if groups is not None else [(distiller.trainable_parameters(), cfg)]
+    return [(build_optimizer(params, group_cfg), group_cfg) for params, group_cfg in pairs]
+
+
+def _optimize(loss: Tensor, optimizers: list[tuple[torch.optim.Optimizer, object]],
+              scaler: torch.amp.GradScaler) -> None:
     """One optimisation step; the scaler (fp16) scales the loss and skips steps whose gradients overflowed."""
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer, _ in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if grad_clip is not None:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    scaler.step(optimizer)
+    for optimizer, group_cfg in optimizers:
+        if group_cfg.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], group_cfg.grad_clip)
+        scaler.step(optimizer)
     scaler.update()
 
 
@@ -290,7 +301,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
     if prepare is not None:
         prepare(val_loader if val_loader is not None else train_loader, train_loader)
     step_function = _step_function(distiller, device)
-    optimizer = build_optimizer(distiller.trainable_parameters(), cfg)
+    optimizers = _optimizers(distiller, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a no-op unless fp16
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None  # what is validated and kept
     steps_per_epoch = len(train_loader)
@@ -306,7 +317,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)
         if resume and (out_dir / STATE_FILE).exists():
-            position, best_state = _restore(distiller, optimizer, scaler, out_dir, result, started_from,
+            position, best_state = _restore(distiller, optimizers, scaler, out_dir, result, started_from,
                                             steps_per_epoch, device, average)
             where = f"epoch {position.epoch}" if not position.step else \
                 f"step {position.step} of epoch {position.epoch + 1}"
@@ -341,16 +352,18 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
             batches = progress.batches(epoch_batches, steps_per_epoch - first_step, f"{label} {epoch + 1}/{cfg.epochs}")
             for step_in_epoch, batch in enumerate(batches, start=first_step):
                 step = epoch * steps_per_epoch + step_in_epoch
-                lr = learning_rate(cfg, step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for optimizer, group_cfg in optimizers:
+                    group_lr = learning_rate(group_cfg, step, steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = group_lr
+                lr = learning_rate(cfg, step, steps_per_epoch)  # the logged one
                 inputs, labels, index = _on(device, *unpack(batch))
                 with autocast(cfg.precision, device):
                     loss, logits, terms = compilation.call(step_function, inputs, labels, index)
                 # Each process's share of an unevenly split global batch weighs its mean loss, so that
                 # DDP's mean of the processes' gradients is the gradient of the global batch's mean loss.
                 share = getattr(batch, "share", 1.0)
-                _optimize(loss if share == 1.0 else loss * share, optimizer, scaler, cfg.grad_clip)
+                _optimize(loss if share == 1.0 else loss * share, optimizers, scaler)
                 if average is not None:
                     average.update(step)
                 meter.add(step, loss, logits, labels, terms)
@@ -364,7 +377,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
                     elapsed = seconds_before + time.perf_counter() - started
                     totals, rng = meter.totals(), distributed.gather(_rng_state(device))  # every process's
                     if main:
-                        _save_state(distiller, optimizer, out_dir, result, Position(
+                        _save_state(distiller, optimizers, out_dir, result, Position(
                             epoch, done, since_best=position.since_best, meter=totals, rng=rng, seconds=elapsed),
                             best_state, started_from, scaler, average)
             running = meter.read(where)  # a host sync: the epoch's work is done when the clock stops
@@ -395,7 +408,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
             if out_dir is not None and main:
                 with open(out_dir / METRICS_FILE, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-                _save_state(distiller, optimizer, out_dir, result,
+                _save_state(distiller, optimizers, out_dir, result,
                             Position(epoch + 1, 0, since_best=position.since_best), best_state, started_from, scaler,
                             average)
             if result.stopped_early:
@@ -420,7 +433,13 @@ def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(vars(cfg))
 
 
-def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, position: Position,
+def _optimizer_keys(number: int) -> tuple[str, str]:
+    """(tensor prefix, metadata key) of the state of optimizer `number`: the first keeps the names of
+    states written before there could be several."""
+    return ("optim.", "optimizer") if number == 0 else (f"optim{number}.", f"optimizer{number}")
+
+
+def _save_state(distiller, optimizers, out_dir: Path, result: FitResult, position: Position,
                 best_state: dict[str, Tensor] | None, started_from: dict, scaler,
                 average: WeightAverage | None = None) -> None:
     """One atomic file: weights, loss-term parameters, optimizer, best weights, history, position."""
@@ -430,8 +449,11 @@ def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, position
     tensors.update({f"average.{k}": v for k, v in (average.state_dict() if average is not None else {}).items()})
     tensors.update({f"meter.{k}": v for k, v in (position.meter or {}).items()})
     tensors.update({f"rng.{rank}.{k}": v for rank, state in enumerate(position.rng or []) for k, v in state.items()})
-    optim_tensors, optim_meta = save_optimizer(optimizer)
-    tensors.update(optim_tensors)
+    optim_meta = {}
+    for number, (optimizer, _) in enumerate(optimizers):
+        prefix, key = _optimizer_keys(number)
+        optim_tensors, optim_meta[key] = save_optimizer(optimizer, prefix)
+        tensors.update(optim_tensors)
     meta = {
         "numerics": json.dumps(_numerics(device_of(distiller.student))),
         "started_from": json.dumps(started_from, sort_keys=True),
@@ -439,7 +461,7 @@ def _save_state(distiller, optimizer, out_dir: Path, result: FitResult, position
         "step": str(position.step),
         "seconds": repr(position.seconds),
         "since_best": str(position.since_best),
-        "optimizer": optim_meta,
+        **optim_meta,
         "scaler": json.dumps(scaler.state_dict() if scaler.is_enabled() else {}),
         "result": json.dumps({k: getattr(result, k) for k in ("history", "best_epoch", "best_val_accuracy",
                                                               "train_seconds", "train_samples", "stopped_early")}),
@@ -490,7 +512,7 @@ NUMERICS_FIXES = {"threads": "set threads={}", "torch": "use torch {}", "device"
                   "processes": "run it in {} process(es) (--nproc)"}
 
 
-def _restore(distiller, optimizer, scaler, out_dir: Path, result: FitResult, started_from: dict,
+def _restore(distiller, optimizers, scaler, out_dir: Path, result: FitResult, started_from: dict,
              steps_per_epoch: int, device: torch.device,
              average: WeightAverage | None = None) -> tuple[Position, dict[str, Tensor]]:
     path = out_dir / STATE_FILE
@@ -536,7 +558,9 @@ def _restore(distiller, optimizer, scaler, out_dir: Path, result: FitResult, sta
         distiller.objective.load_state_dict(part("objective."))
         if average is not None:
             average.load_state_dict(part("average."))
-        load_optimizer(optimizer, tensors, meta["optimizer"])
+        for number, (optimizer, _) in enumerate(optimizers):
+            prefix, key = _optimizer_keys(number)
+            load_optimizer(optimizer, tensors, meta[key], prefix)
         if scaler.is_enabled() and scaler_state:
             scaler.load_state_dict(scaler_state)
         if position.step:
