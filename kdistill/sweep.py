@@ -175,8 +175,9 @@ class Sweep:
 
     # -- what is shared ---------------------------------------------------------------------
     def teacher_key(self, cell: Cell) -> str | None:
-        """Cells with equal keys get the same teacher; None when the recipe gives a teacher checkpoint."""
-        if cell.cfg.teacher.checkpoint:
+        """Cells with equal keys get the same teacher; None when the recipe gives a teacher checkpoint, or its
+        scheme arranges its teachers itself (every scheme but offline: its cell is one `kdistill run`)."""
+        if cell.cfg.teacher.checkpoint or cell.cfg.scheme != "offline":
             return None
         return _digest({"teacher": _plain(cell.cfg.teacher), "data": _plain(cell.cfg.data), "seed": self.base_seed})
 
@@ -187,7 +188,9 @@ class Sweep:
 
     def signal_key(self, cell: Cell) -> str | None:
         """Cells with equal keys read the same cached teacher signal (soft labels, views, tapped features);
-        None when the cell's student gets none from the cache."""
+        None when the cell's student gets none from the cache (or its scheme builds its own)."""
+        if cell.cfg.scheme != "offline":
+            return None
         objective = recipe_objective(cell.cfg)
         signal = resolve_teacher_signal(cell.cfg, objective)[0]
         if signal not in ("cached", "cached_views"):
@@ -234,7 +237,8 @@ class Sweep:
         # A grown grid's new cells take the baseline a finished cell already has, where one does.
         trained = [c for c in self.cells if (self.folder / c.name / "baseline" / "model.safetensors").exists()]
         for cell in [*trained, *todo]:
-            baselines.setdefault(self.baseline_key(cell), cell)
+            if cell.cfg.scheme == "offline":  # a scheme's cell trains its baselines in its own run folders
+                baselines.setdefault(self.baseline_key(cell), cell)
         failures: list[str] = []
         # Teachers first, then one baseline per distinct student and training, then every cell.
         # On CPUs the teachers train one at a time with every thread: a small teacher finishing early
@@ -246,7 +250,8 @@ class Sweep:
                   .exists()]
         self._parallel([("train --baseline", c.name, c) for c in firsts], slots, say, failures, what="baseline")
         for cell in todo:
-            self._share_baseline(cell, baselines[self.baseline_key(cell)])
+            if cell.cfg.scheme == "offline":
+                self._share_baseline(cell, baselines[self.baseline_key(cell)])
         # The teacher signal next, once per distinct entry and with every thread: cells sharing a cache would
         # otherwise wait, one slot idle, while the first of them builds it on its share of the threads.
         signals: dict[str, Cell] = {}

@@ -129,7 +129,7 @@ class SelfDistillConfig:
 
 @dataclass
 class MultiTeacherConfig:
-    # the teachers, each trained with teacher.train or loaded from its checkpoint
+    # the teachers, each loaded from its checkpoint or trained with teacher.train (teacher k with seed + k - 1)
     teachers: List[ListedModel] = field(default_factory=list)
     # how their softened outputs become one target: mean | weights (fixed) | confidence (per sample: lower
     # entropy weighs more)

@@ -59,9 +59,11 @@ def _members(cfg) -> list[dict]:
 def multi_teacher(run: SchemeRun) -> dict:
     cfg = run.cfg
     section = cfg.multi_teacher
+    # Teacher k is trained with the recipe's seed + k - 1: two teachers of one architecture differ.
     teachers = [run.part_config(f"teacher{number}", {
         "teacher.name": teacher.name, "teacher.kwargs": OmegaConf.to_container(teacher.kwargs, resolve=True),
-        "teacher.checkpoint": teacher.checkpoint}) for number, teacher in enumerate(section.teachers, start=1)]
+        "teacher.checkpoint": teacher.checkpoint, "seed": cfg.seed + number - 1})
+        for number, teacher in enumerate(section.teachers, start=1)]
     # Every teacher is built (name, arguments, class count, checkpoint) before any of them trains.
     with run.pipeline(teachers[0], claim=False) as probe:
         for number, spec in enumerate(section.teachers):
