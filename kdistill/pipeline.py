@@ -99,10 +99,7 @@ class Pipeline:
         for key, train in trained:
             check_precision(train.precision, self.device, f"{key}.precision")
             _check_batch_split(train.batch_size, f"{key}.batch_size")
-        data = cfg.data
-        self.data = load_data(data.name, data.root, data.val_size, data.split_seed, data.download,
-                              channels=data.channels, image_size=data.image_size, test_size=data.test_size,
-                              max_val_size=data.max_val_size)
+        self.data = recipe_data(cfg)
         self._check_against_data()
         self._models: dict[str, nn.Module] = {}
         self.specs = {role: (cfg.teacher if role == "teacher" else cfg.student) for role in ROLES}
@@ -705,6 +702,13 @@ def _check_trainable(model: nn.Module, what: str, input_shape) -> None:
     if not output.requires_grad:
         raise KdistillError(f"{what} returns outputs that do not depend on its parameters (detached, or computed "
                             "under no_grad): kdistill cannot train it")
+
+
+def recipe_data(cfg: DictConfig):
+    """The recipe's data, loaded and split (`data.*`)."""
+    data = cfg.data
+    return load_data(data.name, data.root, data.val_size, data.split_seed, data.download, channels=data.channels,
+                     image_size=data.image_size, test_size=data.test_size, max_val_size=data.max_val_size)
 
 
 def recipe_objective(cfg: DictConfig) -> Objective:

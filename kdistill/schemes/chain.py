@@ -44,19 +44,16 @@ def _spec(model) -> dict[str, Any]:
 
 
 def run_links(run: SchemeRun, links: list[Link]) -> list[Pipeline]:
-    """Run the links in order; returns their (closed) pipelines. Every listed model is built once the
-    data is loaded (the first link's), before anything trains."""
+    """Run the links in order; returns their (closed) pipelines. Every listed model is built first."""
+    run.check_models(check for link in links for check in link.checks)
     pipelines: list[Pipeline] = []
     teacher_changed = False
-    for number, link in enumerate(links):
+    for link in links:
         cfg = run.part_config(link.name, link.updates)
         student_file = run.folder / link.name / "student" / MODEL_FILE
         before = file_digest(student_file) if student_file.exists() else None
         run.progress.line(f"[{run.cfg.scheme}] {link.name}: {cfg.teacher.name} -> {cfg.student.name}")
         with run.pipeline(cfg, discard=("student",) if teacher_changed else ()) as pipeline:
-            if number == 0:
-                for spec, key in (check for later in links for check in later.checks):
-                    run.check_model(spec, key, pipeline.data)
             if link.before is not None:
                 link.before(pipeline)
             pipeline.run()

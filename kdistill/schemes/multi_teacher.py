@@ -65,9 +65,7 @@ def multi_teacher(run: SchemeRun) -> dict:
         "teacher.checkpoint": teacher.checkpoint, "seed": cfg.seed + number - 1})
         for number, teacher in enumerate(section.teachers, start=1)]
     # Every teacher is built (name, arguments, class count, checkpoint) before any of them trains.
-    with run.pipeline(teachers[0], claim=False) as probe:
-        for number, spec in enumerate(section.teachers):
-            run.check_model(spec, f"multi_teacher.teachers[{number}]", probe.data)
+    run.check_models((spec, f"multi_teacher.teachers[{number}]") for number, spec in enumerate(section.teachers))
     pipelines = []
     for part in teachers:
         with run.pipeline(part, trains=("teacher",)) as pipeline:

@@ -217,11 +217,10 @@ def check_online(cfg) -> None:
 def online(run: SchemeRun) -> dict:
     cfg = run.cfg
     teacher_mode = cfg.online.mode == "teacher"
+    peers = _peer_specs(cfg)
+    run.check_models((spec, key) for key, spec in peers)
     # The student from scratch is an ordinary run folder's baseline; its data and loaders serve the peers too.
     with run.pipeline(run.part_config("scratch", {}), trains=("baseline",)) as scratch:
-        peers = _peer_specs(cfg)
-        for key, spec in peers[1:]:
-            run.check_model(spec, key, scratch.data)
         scratch.model("baseline")
     names = ["teacher", "student"] if teacher_mode else ["student", *(f"peer{k}" for k in range(2, len(peers) + 1))]
     models, kept = [], names.index("student")

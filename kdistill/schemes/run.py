@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ from kdistill import __version__
 from kdistill.errors import KdistillError
 from kdistill.evaluation import Entrant, compare_models, gap_recovered
 from kdistill.models import create_model, output_classes
-from kdistill.pipeline import CONFIG_FILE, DERIVED_FILES, LOCK_FILE, MARKER_FILE, ROLES, Pipeline
+from kdistill.pipeline import CONFIG_FILE, DERIVED_FILES, LOCK_FILE, MARKER_FILE, ROLES, Pipeline, recipe_data
 from kdistill.report import write_report
 from kdistill.storage import atomic_write_text, exclusive_lock
 from kdistill.train import Progress, load_model
@@ -103,6 +104,16 @@ class SchemeRun:
     def pipeline(self, cfg: DictConfig, *, discard=(), trains=ROLES, claim: bool = True) -> Pipeline:
         return Pipeline(cfg, resume=self.resume, discard=tuple(ROLES) if self.force else discard, trains=trains,
                         progress=self.progress_mode, claim=claim)
+
+    @functools.cached_property
+    def data(self):
+        """The recipe's data (every part loads the same), for checks before any part runs."""
+        return recipe_data(self.cfg)
+
+    def check_models(self, models) -> None:
+        """Build every (spec, config key) in `models` before anything trains."""
+        for spec, key in models:
+            self.check_model(spec, key, self.data)
 
     @staticmethod
     def check_model(spec, key: str, data) -> nn.Module:
