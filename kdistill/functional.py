@@ -244,8 +244,11 @@ def cross_entropy(
         _upcast(logits).reshape(-1, classes),
         _upcast(labels).reshape(-1, classes) if probabilities else labels.reshape(-1),
         label_smoothing=label_smoothing,
-        reduction=reduction,
+        reduction="sum" if reduction == "mean" and not probabilities else reduction,
     )
+    if reduction == "mean" and not probabilities:
+        # The mean over the labelled rows, as F.cross_entropy's, but 0 (not NaN) for a batch of none.
+        return loss / (labels != -100).sum().clamp(min=1)
     return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
 
 

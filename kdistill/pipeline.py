@@ -39,12 +39,14 @@ from torch import nn
 from kdistill import __version__
 from kdistill.config.describe import flatten
 from kdistill.data import Augment, BatchLoader, load_data
+from kdistill.data.unlabelled import add_pool, select_pseudo_labelled, with_pool, withhold_labels
 from kdistill.distill import Distiller, FeatureTaps, TopKLogits, cached_teacher_logits
 from kdistill.distill.signals import (
     cached_teacher_features,
     check_cache_dir,
     choose_teacher_signal,
     default_cache_dir,
+    table_subset,
     weights_digest,
 )
 from kdistill.distill.taps import check_tap_paths
@@ -102,6 +104,7 @@ class Pipeline:
         self.data = recipe_data(cfg)
         self._check_against_data()
         self._models: dict[str, nn.Module] = {}
+        self.pool_rows: torch.Tensor | None = None  # the unlabelled samples the student learns from, once chosen
         self.specs = {role: (cfg.teacher if role == "teacher" else cfg.student) for role in ROLES}
         built = {}
         for role in ("teacher", "student"):  # a wrong name, argument or class count stops us before any work
@@ -408,14 +411,18 @@ class Pipeline:
         one of that many fixed views of the student's augmentation (an evaluation loader: view by view).
         """
         data, cfg = self.data, self.cfg
+        # "student": the distilled student's training set (the pool's chosen samples after the labelled ones);
+        # "everything": the labelled samples and the whole pool (what the teacher's soft labels cover).
+        images = with_pool(data, self.pool_rows) if split == "student" else with_pool(data) \
+            if split == "everything" else getattr(data, split)
         where = {"device": self.device, "on_device": cfg.data.on_device, "views": views,
                  "num_classes": data.num_classes}
         if train_cfg is not None or shard:
             where.update(rank=distributed.rank(), world_size=distributed.world_size())
         if train_cfg is not None:
-            return BatchLoader(getattr(data, split), train_cfg.batch_size, mean=data.mean, std=data.std,
+            return BatchLoader(images, train_cfg.batch_size, mean=data.mean, std=data.std,
                                shuffle=True, augment=augmentation(train_cfg), seed=cfg.seed, **where)
-        return BatchLoader(getattr(data, split), cfg.eval.batch_size, mean=data.mean, std=data.std,
+        return BatchLoader(images, cfg.eval.batch_size, mean=data.mean, std=data.std,
                            augment=augmentation(cfg.train) if views else None, **where)
 
     @property
@@ -480,7 +487,8 @@ class Pipeline:
             distiller = Distiller(None, model, cross_entropy_objective(train_cfg.label_smoothing), device=self.device)
         # A resumed distillation must go on from the same teacher and objective (a checkpoint file or the
         # teacher's code may have changed in between).
-        loader = self.loader("train", train_cfg, views=self.views if role == "student" else 0)
+        loader = self.loader("student", train_cfg, views=self.views) if role == "student" else \
+            self.loader("train", train_cfg)
         result = fit(distiller, loader, train_cfg, val_loader=self.loader("val", shard=True), out_dir=out,
                      resume=self.resume, seed=cfg.seed, progress=self.progress, label=role,
                      inputs=distiller.fingerprint(loader))
@@ -512,18 +520,18 @@ class Pipeline:
             raise KdistillError(f"{self.role_dir('student')} was distilled from another teacher than this run's; "
                                 "retrain it with `kdistill distill --force`, or start over with `kdistill run --force`")
 
-    def soft_labels(self) -> tuple[torch.Tensor | TopKLogits, Path, bool, float]:
-        """The teacher's logits for every training sample (for each of its views with cached_views): cached on
-        disk, built if missing."""
+    def soft_labels(self, views: int | None = None) -> tuple[torch.Tensor | TopKLogits, Path, bool, float]:
+        """The teacher's logits for every training sample, the unlabelled pool's after the labelled ones (for each
+        of its `views`, default the student's, with cached_views): cached on disk, built if missing."""
         started = time.perf_counter()
         # In order; unaugmented (the same preprocessing as evaluation), or view by view; sharded by rank.
-        loader = self.loader("train", shard=True, views=self.views)
+        loader = self.loader("everything", shard=True, views=self.views if views is None else views)
         teacher_config = OmegaConf.to_yaml({"name": self.cfg.teacher.name, "kwargs": self.cfg.teacher.kwargs},
                                            resolve=True)
         teacher = self.model("teacher")
         # Under torchrun every process runs the teacher on its share of each batch; rank 0 stores the entry.
         logits, path, built = cached_teacher_logits(
-            teacher, loader, self.data.train.images, loader.preprocessing, self.cache_dir,
+            teacher, loader, loader.data.images, loader.preprocessing, self.cache_dir,
             teacher_config=teacher_config, top_k=self.cfg.distill.top_k, log=self.progress.line,
             main=distributed.is_main(), total=distributed.sum_ if distributed.active() else None)
         return logits, path, built, time.perf_counter() - started
@@ -554,11 +562,28 @@ class Pipeline:
             what = f"{self.views} views of each sample" if self.views else "each sample"
             self.progress.line(f"[student] soft labels ({what}) {verb} in {seconds:.1f}s: {path}")
             features = self.teacher_features(path.stem, rebuild=built)
+        if self.data.unlabelled is not None:
+            soft_labels = self._choose_from_pool(soft_labels)
         teacher = self.model("teacher") if signal == "live" else None
         distiller = Distiller(teacher, student, self.objective, soft_labels=soft_labels, teacher_features=features,
                               device=self.device)
         distiller.warn_if_teacher_untrained(self.loader("train"))
         return distiller
+
+    def _choose_from_pool(self, table):
+        """Pick the pool samples the student learns from by the teacher's logits on them, unaugmented
+        (`distill.pseudo_labels`), and cut the student's soft-label `table` (if cached) down to its samples."""
+        plain = table if self.teacher_signal == "cached" else self.soft_labels(views=0)[0]
+        labelled, pool = len(self.data.train), len(self.data.unlabelled)
+        pool_rows = torch.arange(labelled, labelled + pool)
+        logits = plain[pool_rows] if isinstance(plain, TopKLogits) else plain[labelled:]
+        choice = self.cfg.distill.pseudo_labels
+        self.pool_rows, said = select_pseudo_labelled(logits, choice.min_confidence, choice.balance)
+        self.progress.line(f"[student] {len(self.data.train):,} labelled samples and {said}")
+        if table is None:
+            return None
+        kept = torch.cat([torch.arange(labelled), labelled + self.pool_rows])
+        return table_subset(table, kept, labelled + pool, self.views)
 
     # -- evaluation and report -------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -705,10 +730,25 @@ def _check_trainable(model: nn.Module, what: str, input_shape) -> None:
 
 
 def recipe_data(cfg: DictConfig):
-    """The recipe's data, loaded and split (`data.*`)."""
+    """The recipe's data, loaded and split (`data.*`), with its unlabelled pool if it names one."""
     data = cfg.data
-    return load_data(data.name, data.root, data.val_size, data.split_seed, data.download, channels=data.channels,
-                     image_size=data.image_size, test_size=data.test_size, max_val_size=data.max_val_size)
+    splits = load_data(data.name, data.root, data.val_size, data.split_seed, data.download, channels=data.channels,
+                       image_size=data.image_size, test_size=data.test_size, max_val_size=data.max_val_size)
+    if data.labelled_fraction < 1:
+        splits = withhold_labels(splits, data.labelled_fraction, data.split_seed)
+    other = data.unlabelled
+    if other.name:
+        try:
+            pool = load_data(other.name, other.root, 1, data.split_seed, data.download, channels=data.channels,
+                             image_size=data.image_size, max_val_size=None)
+        except KdistillError as error:
+            raise KdistillError(f"data.unlabelled: {error}") from None
+        images = torch.cat([pool.train.images, pool.val.images])
+        if other.max_size is not None and other.max_size < len(images):
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(data.split_seed))
+            images = images[order[:other.max_size].sort().values]
+        splits = add_pool(splits, images, f"{len(images):,} unlabelled images of {pool.name}")
+    return splits
 
 
 def recipe_objective(cfg: DictConfig) -> Objective:
@@ -721,6 +761,12 @@ def resolve_teacher_signal(cfg: DictConfig, objective: Objective) -> tuple[str, 
     """(signal, why) the recipe's student gets: distill.teacher_signal resolved, or "none"."""
     if not objective.needs_teacher:
         return "none", "no loss term reads the teacher"
+    pool = cfg.data.labelled_fraction < 1 or cfg.data.unlabelled.name
+    if pool and objective.teacher_taps:  # features are cached for the training split only
+        if cfg.distill.teacher_signal not in ("auto", "live"):
+            raise KdistillError(f"distill.teacher_signal={cfg.distill.teacher_signal}: the loss terms read the "
+                                "teacher's features, which are not cached for an unlabelled pool; use live (or auto)")
+        return "live", "the loss terms read the teacher's features, on an unlabelled pool too"
     return choose_teacher_signal(cfg.distill.teacher_signal, augmentation(cfg.train), bool(objective.teacher_taps),
                                  processes=int(os.environ.get("WORLD_SIZE", "1")))
 

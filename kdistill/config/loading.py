@@ -325,6 +325,12 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.channels in (None, 1, 3), "data.channels", f"must be 1, 3 or null, got {cfg.data.channels!r}")
     _in_range(cfg.data.image_size, "data.image_size", 1, 4096, null_ok=True)
     _in_range(cfg.data.split_seed, "data.split_seed", 0, MAX_SEED)
+    _in_range(cfg.data.labelled_fraction, "data.labelled_fraction", 0, 1, open_low=True)
+    _in_range(cfg.data.unlabelled.max_size, "data.unlabelled.max_size", 1, 10**9, null_ok=True)
+    _check_path(cfg.data.unlabelled.root, "data.unlabelled.root")
+    _in_range(cfg.distill.pseudo_labels.min_confidence, "distill.pseudo_labels.min_confidence", 0, 1)
+    if cfg.data.labelled_fraction < 1 or cfg.data.unlabelled.name:
+        _check_unlabelled_training(cfg)
     _in_range(cfg.distill.temperature, "distill.temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
     _check(cfg.distill.teacher_signal in TEACHER_SIGNALS, "distill.teacher_signal",
            f"{cfg.distill.teacher_signal!r} is not one of {', '.join(TEACHER_SIGNALS)}")
@@ -345,6 +351,23 @@ def validate(cfg: DictConfig) -> None:
     from kdistill.schemes import check_scheme  # here: the schemes import the pipeline, which imports this module
 
     check_scheme(cfg)
+
+
+def _check_unlabelled_training(cfg: DictConfig) -> None:
+    """An unlabelled pool is learnt from through the teacher: only `ce` reads labels, and only of labelled rows."""
+    objective = build_objective(cfg.distill.losses, cfg.distill.temperature)
+    others = [label for label in objective.labelled_terms if type(objective.terms[label]).__name__ != "CrossEntropy"]
+    if others:
+        raise KdistillError(f"distill.losses.{others[0]} reads each sample's true class, which the unlabelled pool "
+                            "does not have: with data.labelled_fraction < 1 or data.unlabelled, only ce reads "
+                            "labels (of the labelled samples)")
+    if not objective.needs_teacher:
+        raise KdistillError("data.labelled_fraction / data.unlabelled: no loss term reads the teacher, so the "
+                            "unlabelled pool would teach nothing; add kd (or js, dist, ...)")
+    augment = cfg.train.augment
+    if augment.mixup or augment.cutmix:
+        raise KdistillError("train.augment.mixup / cutmix blend labels, which the unlabelled pool does not have: "
+                            "turn them off with an unlabelled pool")
 
 
 def train_config(**options) -> DictConfig:

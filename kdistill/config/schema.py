@@ -28,6 +28,15 @@ class AugmentConfig:
 
 
 @dataclass
+class UnlabelledConfig:
+    """Another data set's images, added to the distilled student's training set without their labels."""
+
+    name: Optional[str] = None  # a registered data set whose train and val images join the pool; null = none
+    root: Optional[str] = None  # its data.root (null = the default places)
+    max_size: Optional[int] = None  # take at most this many of its images (a fixed seeded choice); null = all
+
+
+@dataclass
 class DataConfig:
     name: str = "fashion_mnist"  # a registered data set (`kdistill list datasets`)
     # Nothing is read from anywhere else when root is set: no silent fall-back to another copy.
@@ -39,6 +48,10 @@ class DataConfig:
     download: bool = True  # may a missing data set be downloaded (with checksums)?
     channels: Optional[int] = None  # 1 (greyscale) or 3 (RGB); null = as stored
     image_size: Optional[int] = None  # resize images to this square side in pixels; null = as stored
+    # the rest of the training split joins the unlabelled pool, its labels withheld (a fixed choice, split_seed):
+    # the teacher and the baseline train on the labelled part, the distilled student on both
+    labelled_fraction: float = 1.0  # share of the training split that keeps its labels, in (0, 1]
+    unlabelled: UnlabelledConfig = field(default_factory=UnlabelledConfig)  # more images for the unlabelled pool
     # auto: when the images take under a quarter of the device's free memory.
     on_device: Any = "auto"  # keep the uint8 images on the training device (no copy per step) | auto | false
 
@@ -84,6 +97,14 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class PseudoLabelConfig:
+    """Which unlabelled samples the student learns from, judged by the teacher's outputs (seed 002)."""
+
+    min_confidence: float = 0.0  # drop pool samples whose teacher's top class probability (T = 1) is below this
+    balance: bool = False  # keep as many pool samples per pseudo-class as the rarest has (the most confident)
+
+
+@dataclass
 class DistillConfig:
     """The objective is sum(w_i * term_i), divided by sum(w_i) when normalize_weights is true.
 
@@ -103,6 +124,7 @@ class DistillConfig:
     # (T = 1 probabilities of those k exact, the rest spread evenly); 0 = every logit
     top_k: int = 0
     cache_dir: Optional[str] = None  # null = $KDISTILL_CACHE_DIR or ~/.cache/kdistill/soft_labels
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)  # filtering of the unlabelled pool
 
 
 @dataclass

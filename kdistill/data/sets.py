@@ -9,6 +9,9 @@ import torch
 
 from kdistill.errors import KdistillError
 
+# The label of a sample whose class is withheld (the unlabelled pool): what F.cross_entropy ignores.
+UNLABELLED = -100
+
 
 @dataclass
 class ImageSet:
@@ -50,6 +53,9 @@ class DataSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     sources: list[str] = field(default_factory=list)  # the files read, as the loader reported them
+    # Training images without labels (labels all UNLABELLED): withheld from the train split, or another
+    # data set's; only the distilled student learns from them, through the teacher.
+    unlabelled: ImageSet | None = None
 
     @property
     def num_classes(self) -> int:
@@ -92,7 +98,8 @@ class DataSplits:
         return sha.hexdigest()
 
     def _splits(self) -> tuple[tuple[str, ImageSet], ...]:
-        return ("train", self.train), ("val", self.val), ("test", self.test)
+        splits = (("train", self.train), ("val", self.val), ("test", self.test))
+        return splits + ((("unlabelled", self.unlabelled),) if self.unlabelled is not None else ())
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from kdistill.data.sets import UNLABELLED
 from kdistill.distill.signals import CachedTeacher, LiveTeacher, freeze, tensor_digest, weights_digest
 from kdistill.distill.taps import FeatureTaps
 from kdistill.errors import KdistillError
@@ -153,8 +154,9 @@ class Distiller(nn.Module):
         for batch in itertools.islice(loader, max_batches):
             inputs, labels, index = (None if t is None else t.to(self.device) for t in unpack(batch))
             logits = self.signal(inputs, index).logits
-            correct += int((logits.argmax(1) == class_of(labels)).sum())
-            total += labels.numel()
+            labelled = class_of(labels) != UNLABELLED  # an unlabelled pool's rows have no class to check
+            correct += int((logits.argmax(1) == class_of(labels))[labelled].sum())
+            total += int(labelled.sum())
             classes = logits.shape[1]
         return (correct / total, total, classes) if total else None
 

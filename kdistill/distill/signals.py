@@ -155,10 +155,22 @@ class TopKLogits:
     def to(self, device: torch.device) -> "TopKLogits":
         return TopKLogits(self.values.to(device), self.classes.to(device), self.tail.to(device), self.num_classes)
 
+    def subset(self, index: Tensor) -> "TopKLogits":
+        """The table of rows `index` only."""
+        return TopKLogits(self.values[index], self.classes[index], self.tail[index], self.num_classes)
+
     def __getitem__(self, index: Tensor) -> Tensor:
         fill = self.tail[index] - math.log(self.num_classes - self.k)
         dense = fill[:, None].expand(-1, self.num_classes).contiguous()
         return dense.scatter_(1, self.classes[index].long(), self.values[index].float())
+
+
+def table_subset(table: Tensor | TopKLogits, rows: Tensor, samples: int, views: int = 0) -> Tensor | TopKLogits:
+    """A soft-label table of `samples` samples (or `views` x `samples` rows, view-major) cut down to the
+    samples `rows`, in their order: what the loader of those samples alone indexes."""
+    if views:
+        rows = (torch.arange(views)[:, None] * samples + rows[None, :]).flatten()
+    return table.subset(rows) if isinstance(table, TopKLogits) else table[rows]
 
 
 class CachedTeacher:

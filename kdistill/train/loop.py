@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from kdistill.data.sets import UNLABELLED
 from kdistill.errors import KdistillError
 from kdistill.storage import atomic_write_text
 from kdistill.train import distributed
@@ -163,9 +164,12 @@ class RunningSums:
 
     NEVER = torch.iinfo(torch.int64).max
 
-    def __init__(self, names: list[str], device: torch.device):
+    def __init__(self, names: list[str], device: torch.device, unlabelled: bool = False):
         self.names = names
-        self.sums = torch.zeros(2 + len(names), dtype=_sum_dtype(device), device=device)  # loss, correct, terms
+        # loss, correct, terms; and, when some rows have no label (an unlabelled pool), the labelled rows' count:
+        # the training accuracy is then over those.
+        self.unlabelled = unlabelled
+        self.sums = torch.zeros(2 + len(names) + unlabelled, dtype=_sum_dtype(device), device=device)
         self.first_bad = torch.full((1 + len(names),), self.NEVER, dtype=torch.int64, device=device)
         self._never = self.first_bad.clone()  # made once: `add` runs every step
         self.samples = 0  # on the host: a tensor made from a number each step would be a copy to the device
@@ -174,7 +178,8 @@ class RunningSums:
         values = torch.stack([loss.detach().float(), *(terms[name].detach().float() for name in self.names)])
         n = labels.shape[0]
         correct = (logits.detach().argmax(1) == class_of(labels)).sum().to(values.dtype).reshape(1)
-        self.sums += torch.cat([values[:1] * n, correct, values[1:] * n])
+        counted = [(labels != UNLABELLED).sum().to(values.dtype).reshape(1)] if self.unlabelled else []
+        self.sums += torch.cat([values[:1] * n, correct, values[1:] * n, *counted])
         self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(values), self._never, step))
         self.samples += n
 
@@ -196,7 +201,8 @@ class RunningSums:
             raise FloatingPointError(f"{where(step)}: the loss became NaN or inf (in {', '.join(culprits)}); the "
                                      "last checkpoint stays: lower the learning rate or set train.grad_clip")
         loss, correct, *terms, samples = sums.tolist()
-        return {"samples": int(samples), "train_loss": loss / samples, "train_accuracy": correct / samples,
+        labelled = terms.pop() if self.unlabelled else samples
+        return {"samples": int(samples), "train_loss": loss / samples, "train_accuracy": correct / max(labelled, 1),
                 **{f"train_{name}": value / samples for name, value in zip(self.names, terms, strict=True)}}
 
     def load(self, totals: dict[str, Tensor]) -> None:
@@ -305,6 +311,8 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # a no-op unless fp16
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None  # what is validated and kept
     steps_per_epoch = len(train_loader)
+    labels = getattr(getattr(train_loader, "data", None), "labels", None)  # kdistill's loader: rows without a label?
+    unlabelled = labels is not None and bool((labels == UNLABELLED).any())
     result = FitResult()
     best_state: dict[str, Tensor] | None = None
     position = Position()
@@ -335,7 +343,7 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
             if result.stopped_early:  # resumed after the last epoch of an early-stopped run
                 break
             first_step = position.step if epoch == position.epoch else 0
-            meter = RunningSums(_logged_terms(distiller), device)
+            meter = RunningSums(_logged_terms(distiller), device, unlabelled)
             seconds_before = 0.0
             # Dropout etc.: reproducible after a resume, and each process draws its own masks.
             torch.manual_seed(seed * 100_003 + epoch + 7_919 * distributed.rank())
@@ -567,8 +575,9 @@ def _restore(distiller, optimizers, scaler, out_dir: Path, result: FitResult, st
             position.meter = part("meter.")
             position.rng = {k: v.cpu() for k, v in part(f"rng.{distributed.rank()}.").items()} or None
             terms = len(_logged_terms(distiller))  # totals(): loss, correct, terms, samples; each one's first bad step
-            if position.meter["sums"].shape != (3 + terms,) or position.meter["first_bad"].shape != (1 + terms,) \
-                    or position.rng is None:
+            # (and the labelled rows' count with an unlabelled pool)
+            sums, first_bad = position.meter["sums"], position.meter["first_bad"]
+            if sums.shape[0] not in (3 + terms, 4 + terms) or first_bad.shape != (1 + terms,) or position.rng is None:
                 raise ValueError("the running sums of another objective")
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:  # another model, or not our file
         raise KdistillError(f"{path} does not fit this training ({_first_line(err)[:200]}); did the model "
