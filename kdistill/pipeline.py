@@ -785,7 +785,7 @@ NEUTRAL_KEYS = ("out_dir", "threads", "device", "data.root", "data.download", "d
                 "eval.", *(f"{train}.{key}" for train in ("train", "teacher.train")
                            for key in ("log_every_steps", "checkpoint_every_steps", "compile")))
 # The other schemes' sections: an offline run (a scheme's part too) does not read them.
-SCHEME_SECTIONS = ("online.", "self_distill.", "multi_teacher.", "assistant.")
+SCHEME_SECTIONS = ("online.", "self_distill.", "multi_teacher.", "assistant.", "noisy_student.")
 
 
 def changed_keys(old: DictConfig, new: DictConfig) -> list[str]:

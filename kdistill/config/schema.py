@@ -166,6 +166,16 @@ class AssistantConfig:
 
 
 @dataclass
+class NoisyStudentConfig:
+    rounds: int = 2  # teacher -> round 1's student -> round 2's ...: each round's student teaches the next
+    # each round's student, equal to or larger than its teacher; [] = the recipe's student in every round
+    students: List[ListedModel] = field(default_factory=list)
+    # model arguments merged into every round's student, its noise besides train.augment: e.g. {drop_path: 0.2,
+    # dropout: 0.5} for resnet
+    noise: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 1000  # batch of the test and validation passes
     latency_batches: List[int] = field(default_factory=lambda: [1, 256])  # batch sizes timed
@@ -176,7 +186,7 @@ class EvalConfig:
 class RunConfig:
     name: str = "run"  # the run folder is <out_dir>/<name>
     # how teachers and students are arranged (`kdistill list schemes`)
-    scheme: str = "offline"  # offline | online | self | multi_teacher | assistant
+    scheme: str = "offline"  # offline | online | self | multi_teacher | assistant | noisy_student
     out_dir: str = "runs"  # where run folders are made
     seed: int = 0  # fixes model init, shuffling, augmentation and dropout
     threads: Optional[int] = None  # torch intra-op threads; null = PyTorch's default
@@ -191,3 +201,4 @@ class RunConfig:
     self_distill: SelfDistillConfig = field(default_factory=SelfDistillConfig)  # scheme self
     multi_teacher: MultiTeacherConfig = field(default_factory=MultiTeacherConfig)  # scheme multi_teacher
     assistant: AssistantConfig = field(default_factory=AssistantConfig)  # scheme assistant
+    noisy_student: NoisyStudentConfig = field(default_factory=NoisyStudentConfig)  # scheme noisy_student

@@ -35,8 +35,8 @@ def add_pool(data: DataSplits, images: torch.Tensor, source: str) -> DataSplits:
     """`data` with `images` added to its unlabelled pool."""
     if tuple(images.shape[1:]) != data.input_shape:
         raise KdistillError(f"data.unlabelled: the pool's images are {'x'.join(map(str, images.shape[1:]))} but "
-                            f"{data.name}'s are {'x'.join(map(str, data.input_shape))}; pick a pool of the same "
-                            "shape, or set data.channels and data.image_size to convert both")
+                            f"the {data.name} images are {'x'.join(map(str, data.input_shape))}; pick a pool of the "
+                            "same shape, or set data.channels and data.image_size to convert both")
     if data.unlabelled is not None:
         images = torch.cat([data.unlabelled.images, images])
     pool = ImageSet(images, torch.full((len(images),), UNLABELLED, dtype=torch.int64))

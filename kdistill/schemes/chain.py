@@ -5,6 +5,9 @@
 - `self`, born-again networks (Furlanello et al. 2018): the student's own architecture trained
   from scratch is generation 0; each next generation, the same architecture, is distilled from
   the one before; the generations' ensemble is reported too.
+- `noisy_student` (Xie et al. 2020): the teacher, trained on the labelled data, labels the
+  unlabelled pool; a noised student (train.augment, and dropout or stochastic depth given in
+  noisy_student.noise), equal or larger, learns from both and becomes the next round's teacher.
 
 Every link is an ordinary run folder (`link1/`, `link2/`, ... or `gen1/`, ...) with its teacher
 given as `teacher.checkpoint`: the previous link's student file, so its soft labels are cached
@@ -14,6 +17,7 @@ retrains its student; everything else that is done is kept, and a killed chain r
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +26,9 @@ from omegaconf import OmegaConf
 
 from kdistill.errors import KdistillError
 from kdistill.evaluation import Entrant
+from kdistill.models import count_parameters
 from kdistill.models.ensemble import Ensemble
-from kdistill.pipeline import MODEL_FILE, Pipeline
+from kdistill.pipeline import MODEL_FILE, Pipeline, augmentation
 from kdistill.schemes import register_scheme
 from kdistill.schemes.run import SchemeRun, entrant
 from kdistill.storage import file_digest
@@ -60,6 +65,11 @@ def run_links(run: SchemeRun, links: list[Link]) -> list[Pipeline]:
         teacher_changed = before != file_digest(student_file)
         pipelines.append(pipeline)
     return pipelines
+
+
+def _adopt_baseline(source: Path) -> Callable[[Pipeline], None]:
+    """A link's step that takes the baseline an earlier link trained (the same model, training and data)."""
+    return lambda pipeline: pipeline.adopt("baseline", source)
 
 
 def _histories(pipelines: list[Pipeline], title: Callable[[int], str]) -> dict[str, Path]:
@@ -134,7 +144,7 @@ def born_again(run: SchemeRun) -> dict:
         first_baseline = run.folder / "gen1" / "baseline"
         links.append(Link(f"gen{k}", {**same, "teacher.checkpoint": str(run.folder / f"gen{k - 1}" / "student" /
                                                                         MODEL_FILE)},
-                          before=lambda pipeline, source=first_baseline: pipeline.adopt("baseline", source)))
+                          before=_adopt_baseline(first_baseline)))
     pipelines = run_links(run, links)
     last = len(pipelines)
     entrants = {"teacher": entrant(pipelines[0], "teacher", "generation 0 (from scratch)")}
@@ -149,3 +159,61 @@ def born_again(run: SchemeRun) -> dict:
     return run.compare(entrants, pipelines[-1], histories=histories,
                        notes=["Generation 0 is the student trained from scratch: it is also the baseline."],
                        aliases={"baseline": ("teacher", "student from scratch (= generation 0)")})
+
+
+# -- noisy student ---------------------------------------------------------------------------------
+def check_noisy_student(cfg) -> None:
+    section = cfg.noisy_student
+    if not (isinstance(section.rounds, int) and 1 <= section.rounds < MAX_LINKS):
+        raise KdistillError(f"noisy_student.rounds: 1 to {MAX_LINKS - 1} rounds, got {section.rounds!r}")
+    if section.students and len(section.students) != section.rounds:
+        raise KdistillError(f"noisy_student.students lists {len(section.students)} models for {section.rounds} "
+                            "rounds: give one per round, or none (the recipe's student in every round)")
+    for i, model in enumerate(section.students):
+        if model.checkpoint:
+            raise KdistillError(f"noisy_student.students[{i}].checkpoint: each round's student is trained; drop it")
+    if cfg.data.labelled_fraction == 1 and not cfg.data.unlabelled.name:
+        raise KdistillError("noisy_student learns from unlabelled images: set data.labelled_fraction below 1 (the "
+                            "rest of the training split loses its labels) or name a pool in data.unlabelled.name")
+
+
+def _round_students(cfg) -> list[dict[str, Any]]:
+    noise = OmegaConf.to_container(cfg.noisy_student.noise, resolve=True)
+    models = list(cfg.noisy_student.students) or [cfg.student] * cfg.noisy_student.rounds
+    return [{"name": m.name, "kwargs": {**OmegaConf.to_container(m.kwargs, resolve=True), **noise}} for m in models]
+
+
+@register_scheme("noisy_student", "noisy student (Xie et al. 2020): rounds of a noised, equal or larger student "
+                                  "learning from the teacher's soft labels on unlabelled data, then teaching the "
+                                  "next round", check_noisy_student)
+def noisy_student(run: SchemeRun) -> dict:
+    cfg = run.cfg
+    students = _round_students(cfg)
+    if not cfg.noisy_student.noise and augmentation(cfg.train) is None:
+        warnings.warn("noisy_student: neither train.augment nor noisy_student.noise adds noise, so every round is "
+                      "plain self-training; Xie et al. found the noise essential", stacklevel=2)
+    teachers = [_spec(cfg.teacher), *students[:-1]]
+    sizes = [count_parameters(run.check_model(OmegaConf.create(m), key, run.data)) for m, key in
+             zip(teachers + students[-1:], ["teacher", *(f"noisy_student round {k}" for k in
+                                                         range(1, len(students) + 1))], strict=True)]
+    for k in range(1, len(sizes)):
+        if sizes[k] < sizes[k - 1]:
+            warnings.warn(f"noisy_student: round {k}'s student ({sizes[k]:,} parameters) is smaller than its "
+                          f"teacher ({sizes[k - 1]:,}): Noisy Student makes it equal or larger", stacklevel=2)
+    links = []
+    for k, (teacher, student) in enumerate(zip(teachers, students, strict=True), start=1):
+        updates = {"teacher.name": teacher["name"], "teacher.kwargs": teacher["kwargs"],
+                   "student.name": student["name"], "student.kwargs": student["kwargs"]}
+        before = None
+        if k > 1:
+            updates["teacher.checkpoint"] = str(run.folder / f"round{k - 1}" / "student" / MODEL_FILE)
+            if student == students[0]:  # the same model from scratch as round 1's baseline
+                before = _adopt_baseline(run.folder / "round1" / "baseline")
+        links.append(Link(f"round{k}", updates, before=before))
+    pipelines = run_links(run, links)
+    entrants = {"teacher": entrant(pipelines[0], "teacher", "teacher (labelled data)")}
+    for k, pipeline in enumerate(pipelines[:-1], start=1):
+        entrants[f"round{k}"] = entrant(pipeline, "student", f"round {k} student")
+    entrants["baseline"] = entrant(pipelines[-1], "baseline", "student from scratch (labelled data)")
+    entrants["student"] = entrant(pipelines[-1], "student", f"round {len(pipelines)} student")
+    return run.compare(entrants, pipelines[-1], histories=_histories(pipelines, lambda i: f"round {i + 1} student"))
