@@ -306,3 +306,74 @@ def test_objectives_of_peers_refuse_feature_terms():
     with pytest.raises(Exception, match="response terms"):
         MutualDistiller(_peers(2), [build_objective({"hint": {"type": "fitnet", "student": "1",
                                                              "teacher": "1"}})] * 2)
+
+
+# -- self-distillation with exits (Be Your Own Teacher) ----------------------------------------------
+def test_exit_losses_follow_the_official_formula():
+    from kdistill.schemes.exits import SelfDistiller, exit_feature_loss
+
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    official = ((a - b) ** 2 * ((a > 0) | (b > 0)).float()).sum()  # luanyunteng's feature_loss_function
+    torch.testing.assert_close(exit_feature_loss(a, b), official / 4)  # here per sample, averaged over the batch
+    torch.manual_seed(0)
+    model = create_model("mlp", (1, 4, 4), 5, hidden=[12, 8])
+    distiller = SelfDistiller(model, ["body.fc1"], alpha=0.3, temperature=3.0, feature_weight=0.01)
+    x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 5, (6,))
+    distiller.prepare([(x, y)])
+    loss, logits, terms = distiller.training_step(x, y)
+    # Independently: the exit's head on fc1's output, taught by the deepest output and the last Linear's input.
+    hidden1 = model.body.fc1(x.flatten(1))
+    deep_feature = model.body.relu2(model.body.fc2(model.body.relu1(hidden1)))
+    deep = model.head(deep_feature)
+    head = distiller.objective.heads["body_fc1"]
+    embedding, exit_logits = head(hidden1)
+    soft = F.softmax(deep.detach() / 3, -1)
+    kd = 9 * (soft * (soft.log() - F.log_softmax(exit_logits / 3, -1))).sum(-1).mean()
+    expected = 0.7 * F.cross_entropy(deep, y) + 0.7 * F.cross_entropy(exit_logits, y) + 0.3 * kd + \
+        0.01 * ((embedding - deep_feature.detach()) ** 2 * ((embedding > 0) | (deep_feature > 0))).sum(1).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logits, deep)
+    assert set(terms) == {"deepest.ce", "body.fc1.ce", "body.fc1.kd", "body.fc1.feature"}
+
+
+def test_an_early_exit_stops_the_forward_pass_at_its_tap():
+    from kdistill.schemes.exits import SelfDistiller
+
+    model = create_model("resnet", (1, 8, 8), 10, width=4, depth=1, stages=3)
+    distiller = SelfDistiller(model, ["stages.0"])
+    x = torch.randn(3, 1, 8, 8)
+    distiller.prepare([(x, None)])
+    exit_model = distiller.exit_models()["stages.0"].eval()
+    ran = []
+    model.stages[1].register_forward_hook(lambda *_: ran.append("stages.1"))
+    logits = exit_model(x)
+    assert logits.shape == (3, 10) and not ran  # the deeper stages never ran
+    feature = model.stages[0](model.stem(x))
+    torch.testing.assert_close(logits, distiller.objective.heads["stages_0"](feature)[1])
+    assert model(x).shape == (3, 10) and ran == ["stages.1"]  # the model itself is unchanged
+    assert exit_model.used_parameters((1, 8, 8)) < sum(p.numel() for p in model.parameters()) + \
+        sum(p.numel() for p in distiller.objective.heads.parameters())
+
+
+def test_exits_on_digits_report_each_exit(tmp_path, soft_label_cache):
+    cfg = load_config(DIGITS, [f"out_dir={tmp_path}", *FAST, "scheme=self", "self_distill.mode=exits",
+                               "self_distill.exits=[body.fc1]", "student.kwargs={hidden: [32, 16]}"])
+    metrics = run_recipe(cfg, progress="quiet")
+    assert metrics["rows"] == ["student", "exit1", "baseline"]
+    folder = tmp_path / "digits_quick" / "exits"
+    # The exported student is the plain network: it loads into the model as built, without the heads.
+    with Pipeline(load_config(folder.parent / "scratch" / "config.yaml"), progress="quiet", claim=False) as p:
+        from kdistill.train import load_model
+
+        load_model(folder / "model.safetensors", p.build("student"))
+    assert any(k.startswith("heads.body_fc1.") for k in load_tensors(folder / "objective.safetensors")[0])
+    before = (folder / "model.safetensors").stat().st_mtime_ns
+    again = run_recipe(cfg, progress="quiet")  # reused, and the same figures
+    assert (folder / "model.safetensors").stat().st_mtime_ns == before
+    assert again["exit1"]["test_accuracy"] == metrics["exit1"]["test_accuracy"]
+
+
+def test_an_exit_on_a_missing_layer_is_refused(capsys, tmp_path):
+    fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", *FAST, "scheme=self", "self_distill.mode=exits",
+                           "self_distill.exits=[body.fc9]"], "no module 'body.fc9' in MLP for self_distill.exits")
+    assert not any(tmp_path.rglob("*.safetensors"))

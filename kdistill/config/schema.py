@@ -146,7 +146,15 @@ class OnlineConfig:
 
 @dataclass
 class SelfDistillConfig:
-    generations: int = 2  # born-again generations after the first, each taught by the one before
+    # born_again: generations of the student, each taught by the one before (Furlanello et al. 2018); exits:
+    # classifiers on shallow stages taught by the deepest output (Zhang et al. 2019, Be Your Own Teacher)
+    mode: str = "born_again"  # born_again | exits
+    generations: int = 2  # born_again: generations after the first, each taught by the one before
+    exits: List[str] = field(default_factory=list)  # exits: tap paths of shallow stages that get a classifier
+    deepest: Optional[str] = None  # exits: the deepest feature's tap; null = the input of the last Linear layer
+    alpha: float = 0.1  # exits: each exit's (1 - alpha) * CE + alpha * KD from the deepest output
+    temperature: float = 3.0  # exits: the KD temperature
+    feature_weight: float = 1.28e-4  # exits: weight of the feature term (per-sample sum of squares)
 
 
 @dataclass

@@ -117,8 +117,21 @@ def assistant(run: SchemeRun) -> dict:
 
 
 # -- born-again networks -------------------------------------------------------------------------
+SELF_MODES = ("born_again", "exits")
+
+
 def check_self(cfg) -> None:
-    generations = cfg.self_distill.generations
+    section = cfg.self_distill
+    if section.mode not in SELF_MODES:
+        raise KdistillError(f"self_distill.mode: {section.mode!r} is not one of {', '.join(SELF_MODES)}")
+    if section.mode == "exits":
+        if not section.exits:
+            raise KdistillError("self_distill.exits is empty: list the tap paths of the shallow stages that get a "
+                                "classifier (`kdistill inspect RECIPE --role student` shows them)")
+        if not 0 <= section.alpha <= 1 or section.temperature <= 0 or section.feature_weight < 0:
+            raise KdistillError("self_distill: alpha must be in [0, 1], temperature > 0 and feature_weight >= 0")
+        return
+    generations = section.generations
     if not (isinstance(generations, int) and 1 <= generations < MAX_LINKS):
         raise KdistillError(f"self_distill.generations: born-again generations after the first, 1 to "
                             f"{MAX_LINKS - 1}; got {generations!r}")
@@ -131,8 +144,18 @@ def _generation_zero(pipeline: Pipeline) -> None:
     pipeline.adopt("teacher", pipeline.role_dir("baseline"))
 
 
-@register_scheme("self", "born-again networks: the student's architecture teaches itself, generation after "
-                         "generation, and their ensemble is reported (Furlanello et al. 2018)", check_self)
+@register_scheme("self", "self-distillation: born-again generations of the student, their ensemble reported "
+                         "(Furlanello et al. 2018), or exits on shallow stages taught by the deepest output, each "
+                         "exit's accuracy and latency reported (self_distill.mode=exits; Zhang et al. 2019)",
+                 check_self)
+def self_distillation(run: SchemeRun) -> dict:
+    if run.cfg.self_distill.mode == "exits":
+        from kdistill.schemes.exits import run_exits
+
+        return run_exits(run)
+    return born_again(run)
+
+
 def born_again(run: SchemeRun) -> dict:
     cfg = run.cfg
     student = _spec(cfg.student)

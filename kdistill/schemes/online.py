@@ -20,9 +20,6 @@ The loss terms are the recipe's `distill.losses` (response terms: no model is ta
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,13 +32,11 @@ from kdistill.evaluation import Entrant
 from kdistill.losses import DEFAULT_LOSSES, DistillInputs, Objective, build_objective, cross_entropy_objective
 from kdistill.models import create_model
 from kdistill.models.ensemble import Ensemble
-from kdistill.pipeline import MODEL_FILE, recipe_objective
+from kdistill.pipeline import recipe_objective
 from kdistill.schemes import register_scheme
 from kdistill.schemes.run import SchemeRun, entrant
-from kdistill.storage import atomic_write_text
-from kdistill.train import fit, load_model, save_model
+from kdistill.train import fit, save_model
 from kdistill.train.devices import resolve_device
-from kdistill.train.loop import STATE_FILE
 
 MAX_PEERS = 8
 
@@ -235,9 +230,11 @@ def online(run: SchemeRun) -> dict:
     else:
         distiller = MutualDistiller(models, [recipe_objective(cfg) for _ in models], names=names)
     folder = run.folder / "online"
-    _train(run, distiller, scratch, folder)
+    trained = run.train_in_folder(distiller, scratch, folder, "online")  # the joint training's, on every row
+    if run.main:
+        for name, model in zip(names, distiller.student.models, strict=True):  # each model's own file
+            save_model(folder / f"{name}.safetensors", model, {"model": name})
     entrants: dict[str, Entrant] = {}
-    trained = {k: v for k, v in _summary(folder).items() if k != "recipe"}  # the joint training's, on every row
     for name, model in zip(names, distiller.student.models, strict=True):
         title = {"teacher": "teacher (trained with the student)", "student": "student"}.get(name, name)
         entrants[name] = Entrant(model.eval(), folder / f"{name}.safetensors",
@@ -257,56 +254,3 @@ def _peer_specs(cfg) -> list[tuple[str, Any]]:
         return [("teacher", cfg.teacher), ("student", cfg.student)]
     peers = cfg.online.peers or [cfg.student]
     return [("student", cfg.student), *((f"online.peers[{i}]", p) for i, p in enumerate(peers))]
-
-
-def _recipe_digest(cfg) -> str:
-    """What the models trained together depend on: the recipe without run-local keys."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("name", "out_dir", "threads", "device", "eval"):
-        plain.pop(key, None)
-    plain["data"].pop("root", None)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
-
-
-def _train(run: SchemeRun, distiller: MutualDistiller, scratch, folder) -> None:
-    """Train the models together in `folder` (resumable), or load them if this recipe trained them already."""
-    cfg = run.cfg
-    done, digest = folder / MODEL_FILE, _recipe_digest(cfg)
-    summary = _summary(folder)
-    if done.exists() and summary.get("recipe") == digest and not run.force:
-        load_model(done, distiller.student, what="the models trained together")
-        run.progress.line(f"[online] using {done} (--force retrains)")
-        return
-    if done.exists():
-        run.progress.line(f"[online] {'--force' if run.force else 'the recipe changed'}: training the models again")
-        done.unlink()
-    if run.force:
-        (folder / STATE_FILE).unlink(missing_ok=True)
-    elif (folder / STATE_FILE).exists() and not run.resume:
-        raise KdistillError(f"{folder} holds an interrupted training: pass --resume to continue it or --force to "
-                            "start it over")
-    loader = scratch.loader("train", cfg.train)
-    result = fit(distiller, loader, cfg.train, val_loader=scratch.loader("val", shard=True), out_dir=folder,
-                 resume=run.resume, seed=cfg.seed, progress=run.progress, label="online",
-                 inputs={**distiller.fingerprint(), "recipe": digest})
-    if not run.main:
-        return
-    for name, model in zip(distiller.names, distiller.student.models, strict=True):
-        save_model(folder / f"{name}.safetensors", model, {"model": name})
-    atomic_write_text(folder / "summary.json", json.dumps({
-        "recipe": digest, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
-        "train_seconds": result.train_seconds, "train_samples_per_second": result.samples_per_second,
-        "median_epoch_seconds": statistics.median(r["epoch_seconds"] for r in result.history)}, indent=2))
-    save_model(done, distiller.student, {"model": "peers"})
-    (folder / STATE_FILE).unlink(missing_ok=True)
-
-
-def _summary(folder) -> dict:
-    path = folder / "summary.json"
-    try:
-        summary = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
-        summary = {}
-    return {k: summary.get(k) for k in ("recipe", "train_seconds", "train_samples_per_second",
-                                        "median_epoch_seconds", "best_epoch")} if isinstance(summary, dict) else {}
-

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,20 @@ from kdistill import __version__
 from kdistill.errors import KdistillError
 from kdistill.evaluation import Entrant, compare_models, gap_recovered
 from kdistill.models import create_model, output_classes
-from kdistill.pipeline import CONFIG_FILE, DERIVED_FILES, LOCK_FILE, MARKER_FILE, ROLES, Pipeline, recipe_data
+from kdistill.pipeline import (
+    CONFIG_FILE,
+    DERIVED_FILES,
+    LOCK_FILE,
+    MARKER_FILE,
+    MODEL_FILE,
+    ROLES,
+    Pipeline,
+    recipe_data,
+)
 from kdistill.report import write_report
 from kdistill.storage import atomic_write_text, exclusive_lock
-from kdistill.train import Progress, load_model
+from kdistill.train import Progress, fit, load_model, save_model
+from kdistill.train.loop import STATE_FILE
 
 
 class SchemeRun:
@@ -157,6 +169,69 @@ class SchemeRun:
         atomic_write_text(self.folder / "metrics.json", json.dumps(metrics, indent=2))
         write_report(self.folder, metrics, OmegaConf.to_yaml(self.cfg, resolve=True), histories, list(notes))
         return metrics
+
+
+    def train_in_folder(self, distiller, pipeline: Pipeline, folder: Path, label: str) -> dict:
+        """Train `distiller` (several models, or one with exits) with the one loop in `folder`, resumable, on
+        `pipeline`'s data; or load what this recipe trained there before. Writes model.safetensors (the
+        distiller's `student`), objective.safetensors (its objective's parameters: exit heads) and
+        summary.json. Returns the summary's training figures, for the rows."""
+        cfg, digest = self.cfg, recipe_digest(self.cfg)
+        done, parts = folder / MODEL_FILE, folder / OBJECTIVE_FILE
+        summary = _read_summary(folder)
+        if done.exists() and parts.exists() and summary.get("recipe") == digest and not self.force:
+            prepare = getattr(distiller, "prepare", None)  # what the objective's parameters are made from
+            if prepare is not None:
+                prepare(pipeline.loader("val"))
+            load_model(done, distiller.student, what=f"the models of {folder}")
+            load_model(parts, distiller.objective, what=f"the loss terms of {folder}")
+            self.progress.line(f"[{label}] using {done} (--force retrains)")
+            return _figures(summary)
+        if done.exists():
+            self.progress.line(f"[{label}] {'--force' if self.force else 'the recipe changed'}: training again")
+            done.unlink()
+        if self.force:
+            (folder / STATE_FILE).unlink(missing_ok=True)
+        elif (folder / STATE_FILE).exists() and not self.resume:
+            raise KdistillError(f"{folder} holds an interrupted training: pass --resume to continue it or --force "
+                                "to start it over")
+        result = fit(distiller, pipeline.loader("train", cfg.train), cfg.train,
+                     val_loader=pipeline.loader("val", shard=True), out_dir=folder, resume=self.resume, seed=cfg.seed,
+                     progress=self.progress, label=label, inputs={**distiller.fingerprint(), "recipe": digest})
+        summary = {"recipe": digest, "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+                   "train_seconds": result.train_seconds, "train_samples_per_second": result.samples_per_second,
+                   "median_epoch_seconds": statistics.median(r["epoch_seconds"] for r in result.history)}
+        if self.main:
+            save_model(parts, distiller.objective, {"model": "loss terms"})
+            atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
+            save_model(done, distiller.student, {"model": cfg.student.name})
+            (folder / STATE_FILE).unlink(missing_ok=True)
+        return _figures(summary)
+
+
+OBJECTIVE_FILE = "objective.safetensors"
+
+
+def recipe_digest(cfg: DictConfig) -> str:
+    """What a scheme's own training depends on: the recipe without the keys that only say where it runs."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("name", "out_dir", "threads", "device", "eval"):
+        plain.pop(key, None)
+    plain["data"].pop("root", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+
+
+def _read_summary(folder: Path) -> dict:
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def _figures(summary: dict) -> dict:
+    return {k: summary.get(k) for k in ("train_seconds", "train_samples_per_second", "median_epoch_seconds",
+                                        "best_epoch")}
 
 
 def row_info(pipeline: Pipeline, role: str, title: str) -> dict:
