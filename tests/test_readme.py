@@ -22,3 +22,14 @@ def test_the_python_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("| model | arch | test acc |") and "student distilled" in out and "gap recovered" in out
     assert (tmp_path / "mine" / "metrics.jsonl").exists()
+
+
+def test_the_scheme_commands_are_valid(capsys):
+    """Every `kdistill run ...` of the README's schemes block names a recipe and overrides that check."""
+    from kdistill.cli import main
+
+    block = README.read_text().split("**Schemes**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].split()[2:] for line in block.splitlines() if line.startswith("kdistill run ")]
+    assert len(commands) == 6
+    for recipe, *overrides in commands:
+        assert main(["check", recipe, *overrides, "--quiet"]) == 0, capsys.readouterr().err
