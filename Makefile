@@ -110,3 +110,26 @@ methods: setup data
 	    train.augment.crop_padding=2 train.augment.hflip=true distill.teacher_signal=cached_views \
 	    'distill.losses={ce: {weight: 0.1}, kd: {weight: 0.9}},{ce: {weight: 0.1}, js: {weight: 0.9}}' $(METHODS_EXTRA)
 	$(KD) report runs/methods runs/methods_30_epochs runs/methods_30_epochs_augmented --out runs/methods_report
+
+# Every scheme on Fashion-MNIST, 3 seeds each (BENCHMARKS.md, "Schemes"); resumable. Trained teachers to
+# start from: SCHEME_TEACHER (fashion_mnist_resnet's teacher, for the assistant chain and the 100 % point),
+# MULTI_TEACHERS (multi_teacher.teachers with checkpoints); without them each scheme trains its own.
+SCHEMES := --seeds 0,1,2 --jobs 2
+SCHEME_TEACHER ?=
+MULTI_TEACHERS ?=
+.PHONY: schemes
+schemes: setup data
+	$(KD) sweep self_fashion_mnist $(SCHEMES) --name schemes_self
+	$(KD) sweep online_fashion_mnist $(SCHEMES) --name schemes_online
+	$(KD) sweep multi_teacher_fashion_mnist $(SCHEMES) --name schemes_multi_teacher multi_teacher.combine=mean,confidence \
+	    $(if $(MULTI_TEACHERS),'multi_teacher.teachers=$(MULTI_TEACHERS)')
+	$(KD) sweep self_fashion_mnist $(SCHEMES) --name schemes_exits self_distill.mode=exits 'self_distill.exits=[conv1,conv2]'
+	$(KD) sweep fashion_mnist_resnet $(SCHEMES) --name schemes_labelled data.labelled_fraction=0.01,0.1
+	$(KD) sweep fashion_mnist_resnet $(SCHEMES) --name schemes_labelled_all $(if $(SCHEME_TEACHER),teacher.checkpoint=$(SCHEME_TEACHER))
+	$(KD) sweep noisy_student_fashion_mnist $(SCHEMES) --name schemes_noisy_student
+	$(KD) sweep online_fashion_mnist $(SCHEMES) --name schemes_online_teacher online.mode=teacher \
+	    'teacher.kwargs={width: 16, depth: 2}' 'distill.losses={ce: {weight: 0.1}, kd: {weight: 0.9}}' distill.temperature=4
+	$(KD) sweep assistant_fashion_mnist $(SCHEMES) --name schemes_assistant \
+	    $(if $(SCHEME_TEACHER),teacher.checkpoint=$(SCHEME_TEACHER))
+	$(PY) benchmarks/labelled_fraction.py runs/schemes_labelled runs/schemes_labelled_all \
+	    --out benchmarks/results/labelled_fraction.png

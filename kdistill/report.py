@@ -25,7 +25,7 @@ def _number(value, digits: int = 2) -> str:
 def rows_of(metrics: dict) -> list[str]:
     """The models a metrics.json describes, in table order: a scheme lists its own (`rows`), a run has ROLES."""
     rows = metrics.get("rows")
-    return [row for row in (rows if isinstance(rows, list) else ROLES) if isinstance(metrics.get(row), dict)]
+    return [row for row in (rows if isinstance(rows, list) else ROLES) if row in metrics]
 
 
 def row_title(metrics: dict, row: str) -> str:

@@ -377,3 +377,13 @@ def test_an_exit_on_a_missing_layer_is_refused(capsys, tmp_path):
     fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", *FAST, "scheme=self", "self_distill.mode=exits",
                            "self_distill.exits=[body.fc9]"], "no module 'body.fc9' in MLP for self_distill.exits")
     assert not any(tmp_path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("overrides", [["scheme=assistant", "assistant.chain=[{name: mlp, kwargs: {hidden: [32]}}]"],
+                                       ["scheme=online"]])
+def test_schemes_run_in_two_processes(tmp_path, soft_label_cache, overrides):
+    """Under --nproc 2 every part trains with DDP and rank 0 alone writes: the other process waits for a
+    link's files before reading them (it once read link 1's student before rank 0 had written it)."""
+    assert main(["run", DIGITS, f"out_dir={tmp_path}", *FAST, *overrides, "--nproc", "2", "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "digits_quick" / "metrics.json").read_text())
+    assert metrics["student"]["test_accuracy"] > 0.2

@@ -32,6 +32,7 @@ from kdistill.pipeline import MODEL_FILE, Pipeline, augmentation
 from kdistill.schemes import register_scheme
 from kdistill.schemes.run import SchemeRun, entrant
 from kdistill.storage import file_digest
+from kdistill.train import distributed
 
 MAX_LINKS = 20
 
@@ -62,6 +63,7 @@ def run_links(run: SchemeRun, links: list[Link]) -> list[Pipeline]:
             if link.before is not None:
                 link.before(pipeline)
             pipeline.run()
+        distributed.barrier()  # under torchrun: rank 0 has written the link's files before anyone reads them
         teacher_changed = before != file_digest(student_file)
         pipelines.append(pipeline)
     return pipelines

@@ -20,7 +20,7 @@ from kdistill.pipeline import recipe_objective
 from kdistill.schemes import register_scheme
 from kdistill.schemes.run import SchemeRun, entrant
 from kdistill.storage import file_digest
-from kdistill.train import load_tensors, save_tensors
+from kdistill.train import distributed, load_tensors, save_tensors
 
 ENSEMBLE_FILE = "ensemble.safetensors"
 MAX_TEACHERS = 16
@@ -70,6 +70,7 @@ def multi_teacher(run: SchemeRun) -> dict:
     for part in teachers:
         with run.pipeline(part, trains=("teacher",)) as pipeline:
             pipeline.model("teacher")
+        distributed.barrier()  # under torchrun: rank 0 has written the teacher before anyone reads it
         pipelines.append(pipeline)
     changed = _write_ensemble(run, pipelines)
     combined = {"name": "ensemble", "kwargs": {"members": _members(cfg), "combine": section.combine,
@@ -96,12 +97,15 @@ def multi_teacher(run: SchemeRun) -> dict:
 
 
 def _write_ensemble(run: SchemeRun, pipelines) -> bool:
-    """ensemble.safetensors from the teachers' files (members.0.*, ...); True when it changed."""
+    """ensemble.safetensors from the teachers' files (members.0.*, ...), written by rank 0 under torchrun;
+    True when it changed."""
     tensors = {}
     for number, pipeline in enumerate(pipelines):
         weights, _ = load_tensors(pipeline.checkpoint_path("teacher"))
         tensors.update({f"members.{number}.{key}": value for key, value in weights.items()})
     path = run.folder / ENSEMBLE_FILE
     before = file_digest(path) if path.exists() else None
-    save_tensors(path, tensors, {"model": "ensemble"})
+    if run.main:
+        save_tensors(path, tensors, {"model": "ensemble"})
+    distributed.barrier()  # every process loads it next
     return before != file_digest(path)

@@ -61,9 +61,10 @@ class SchemeRun:
         self.folder = Path(cfg.out_dir) / cfg.name
         self.main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the scheme's files
         self._stack = contextlib.ExitStack()
-        self._check_folder()
-        if claim and self.main:
-            self._claim()
+        if self.main:  # the other processes of a torchrun work in the folder rank 0 has checked and claimed
+            self._check_folder()
+            if claim:
+                self._claim()
 
     def __enter__(self) -> "SchemeRun":
         return self
