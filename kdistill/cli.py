@@ -270,7 +270,10 @@ def _run_scheme(args, cfg, progress: str) -> None:
 
     if args.command == "check":
         with SchemeRun(cfg, progress=progress, claim=False) as run:
-            print(f"scheme {cfg.scheme}: {SCHEMES[cfg.scheme].description}\nrun folder: {run.folder}")
+            info = SCHEMES[cfg.scheme]
+            print(f"scheme {cfg.scheme}: {info.description}\nrun folder: {run.folder}\ndata: {run.data.describe()}")
+            for line in info.plan(cfg) if info.plan else []:
+                print(f"  {line}")
         return
     if args.command != "run":
         raise KdistillError(f"scheme {cfg.scheme} runs whole with `kdistill run`; its parts are ordinary run folders "

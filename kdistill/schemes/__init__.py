@@ -27,6 +27,7 @@ class SchemeInfo(NamedTuple):
     run: Callable | None  # fn(SchemeRun) -> metrics; None for offline (the Pipeline itself)
     check: Callable | None  # fn(cfg) -> None: what the recipe's scheme section must satisfy (before any work)
     description: str
+    plan: Callable | None = None  # fn(cfg) -> lines saying what `run` will train (`kdistill check`)
 
 
 SCHEMES: dict[str, SchemeInfo] = {
@@ -35,9 +36,10 @@ SCHEMES: dict[str, SchemeInfo] = {
 }
 
 
-def register_scheme(name: str, description: str, check: Callable | None = None) -> Callable:
+def register_scheme(name: str, description: str, check: Callable | None = None,
+                    plan: Callable | None = None) -> Callable:
     def add(run: Callable) -> Callable:
-        SCHEMES[name] = SchemeInfo(run, check, description)
+        SCHEMES[name] = SchemeInfo(run, check, description, plan)
         return run
     return add
 

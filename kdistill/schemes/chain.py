@@ -49,6 +49,16 @@ def _spec(model) -> dict[str, Any]:
     return {"name": model.name, "kwargs": OmegaConf.to_container(model.kwargs, resolve=True)}
 
 
+def describe(spec: dict[str, Any]) -> str:
+    """`resnet {'width': 16}`: a model spec in a plan's line."""
+    return f"{spec['name']} {spec['kwargs'] or ''}".rstrip()
+
+
+def _teacher_source(cfg) -> str:
+    return f"loaded from {cfg.teacher.checkpoint}" if cfg.teacher.checkpoint else \
+        f"trained for {cfg.teacher.train.epochs} epochs"
+
+
 def run_links(run: SchemeRun, links: list[Link]) -> list[Pipeline]:
     """Run the links in order; returns their (closed) pipelines. Every listed model is built first."""
     run.check_models(check for link in links for check in link.checks)
@@ -93,8 +103,15 @@ def check_assistant(cfg) -> None:
                                 "teacher.checkpoint")
 
 
+def plan_assistant(cfg) -> list[str]:
+    models = [_spec(cfg.teacher), *(_spec(m) for m in cfg.assistant.chain), _spec(cfg.student)]
+    return [f"teacher: {describe(models[0])}, {_teacher_source(cfg)}",
+            *(f"link{k}/: {describe(models[k - 1])} -> {describe(models[k])} ({cfg.train.epochs} epochs, and the "
+              "same model from scratch)" for k in range(1, len(models)))]
+
+
 @register_scheme("assistant", "teacher -> assistant(s) -> student, each link an ordinary distillation run "
-                              "(Mirzadeh et al. 2020)", check_assistant)
+                              "(Mirzadeh et al. 2020)", check_assistant, plan_assistant)
 def assistant(run: SchemeRun) -> dict:
     cfg = run.cfg
     models = [_spec(cfg.teacher), *(_spec(m) for m in cfg.assistant.chain), _spec(cfg.student)]
@@ -146,10 +163,20 @@ def _generation_zero(pipeline: Pipeline) -> None:
     pipeline.adopt("teacher", pipeline.role_dir("baseline"))
 
 
+def plan_self(cfg) -> list[str]:
+    section, student = cfg.self_distill, describe(_spec(cfg.student))
+    if section.mode == "exits":
+        return [f"scratch/: {student} from scratch ({cfg.train.epochs} epochs)",
+                f"exits/: {student} with exits at {', '.join(section.exits)}, taught by "
+                f"{section.deepest or 'the input of its last Linear'} and its output"]
+    return [f"gen1/: {student} from scratch (generation 0, also the baseline), then generation 1 from it",
+            *(f"gen{k}/: generation {k} from generation {k - 1}" for k in range(2, section.generations + 1))]
+
+
 @register_scheme("self", "self-distillation: born-again generations of the student, their ensemble reported "
                          "(Furlanello et al. 2018), or exits on shallow stages taught by the deepest output, each "
                          "exit's accuracy and latency reported (self_distill.mode=exits; Zhang et al. 2019)",
-                 check_self)
+                 check_self, plan_self)
 def self_distillation(run: SchemeRun) -> dict:
     if run.cfg.self_distill.mode == "exits":
         from kdistill.schemes.exits import run_exits
@@ -208,9 +235,19 @@ def _round_students(cfg) -> list[dict[str, Any]]:
     return [{"name": m.name, "kwargs": {**OmegaConf.to_container(m.kwargs, resolve=True), **noise}} for m in models]
 
 
+def plan_noisy_student(cfg) -> list[str]:
+    data = cfg.data
+    pool = [f"{100 * (1 - data.labelled_fraction):g} % of the training split"] if data.labelled_fraction < 1 else []
+    pool += [f"the images of {data.unlabelled.name}"] if data.unlabelled.name else []
+    return [f"teacher: {describe(_spec(cfg.teacher))}, {_teacher_source(cfg)} on the labelled data",
+            f"unlabelled: {' and '.join(pool)}",
+            *(f"round{k}/: {describe(student)}, noised, from {'the teacher' if k == 1 else f'round {k - 1}'}'s "
+              "soft labels" for k, student in enumerate(_round_students(cfg), start=1))]
+
+
 @register_scheme("noisy_student", "noisy student (Xie et al. 2020): rounds of a noised, equal or larger student "
                                   "learning from the teacher's soft labels on unlabelled data, then teaching the "
-                                  "next round", check_noisy_student)
+                                  "next round", check_noisy_student, plan_noisy_student)
 def noisy_student(run: SchemeRun) -> dict:
     cfg = run.cfg
     students = _round_students(cfg)

@@ -53,9 +53,17 @@ def _members(cfg) -> list[dict]:
             for t in cfg.multi_teacher.teachers]
 
 
+def plan_multi_teacher(cfg) -> list[str]:
+    lines = [f"teacher{k}/: {t.name} {OmegaConf.to_container(t.kwargs) or ''}".rstrip() + ", " +
+             (f"loaded from {t.checkpoint}" if t.checkpoint else f"trained for {cfg.teacher.train.epochs} epochs")
+             for k, t in enumerate(cfg.multi_teacher.teachers, start=1)]
+    return [*lines, f"student/: {cfg.student.name} from the teachers combined by {cfg.multi_teacher.combine} at T = "
+                    f"{cfg.distill.temperature:g}, and from scratch"]
+
+
 @register_scheme("multi_teacher", "several teachers of any architectures, their softened outputs combined by "
                                   "mean, fixed weights or per-sample confidence, teach one student",
-                 check_multi_teacher)
+                 check_multi_teacher, plan_multi_teacher)
 def multi_teacher(run: SchemeRun) -> dict:
     cfg = run.cfg
     section = cfg.multi_teacher

@@ -207,8 +207,22 @@ def check_online(cfg) -> None:
                             "distilled; add kd (or js, dist, ...)")
 
 
+def _peer_specs(cfg) -> list[tuple[str, Any]]:
+    """(config key, spec) of the models trained together, the student among them."""
+    if cfg.online.mode == "teacher":
+        return [("teacher", cfg.teacher), ("student", cfg.student)]
+    peers = cfg.online.peers or [cfg.student]
+    return [("student", cfg.student), *((f"online.peers[{i}]", p) for i, p in enumerate(peers))]
+
+
+def plan_online(cfg) -> list[str]:
+    together = ", ".join(f"{spec.name} ({key})" for key, spec in _peer_specs(cfg))
+    return [f"online/: {together} trained together for {cfg.train.epochs} epochs ({cfg.online.mode})",
+            f"scratch/: {cfg.student.name} from scratch"]
+
+
 @register_scheme("online", "models trained together: deep mutual learning between peers (Zhang et al. 2018), or "
-                           "a teacher trained alongside its student", check_online)
+                           "a teacher trained alongside its student", check_online, plan_online)
 def online(run: SchemeRun) -> dict:
     cfg = run.cfg
     teacher_mode = cfg.online.mode == "teacher"
@@ -246,11 +260,3 @@ def online(run: SchemeRun) -> dict:
     return run.compare(entrants, scratch, histories={
         "models trained together (the student's objective)": folder / "metrics.jsonl",
         "student from scratch": scratch.role_dir("baseline") / "metrics.jsonl"})
-
-
-def _peer_specs(cfg) -> list[tuple[str, Any]]:
-    """(config key, spec) of the models trained together, the student among them."""
-    if cfg.online.mode == "teacher":
-        return [("teacher", cfg.teacher), ("student", cfg.student)]
-    peers = cfg.online.peers or [cfg.student]
-    return [("student", cfg.student), *((f"online.peers[{i}]", p) for i, p in enumerate(peers))]
