@@ -28,3 +28,14 @@ needs_fashion_mnist = pytest.mark.skipif(
     not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"),
     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
 )
+
+
+def fails_cleanly(capsys, argv, expected: str) -> str:
+    """`kdistill ARGV --quiet` exits with code 2 and one line on stderr that contains `expected`."""
+    from kdistill.cli import main
+
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdistill: error: ") and len(err.splitlines()) == 1, err
+    assert expected in err, err
+    return err

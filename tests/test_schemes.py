@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fails_cleanly
 from torch import nn
 
 from kdistill.cli import main
@@ -20,14 +21,6 @@ from kdistill.train import load_tensors
 
 DIGITS = "recipes/digits_quick.yaml"
 FAST = ["teacher.train.epochs=2", "train.epochs=2", "eval.latency_repeats=1", "eval.latency_batches=[1]"]
-
-
-def fails_cleanly(capsys, argv, expected: str) -> str:
-    assert main([*argv, "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("kdistill: error: ") and len(err.splitlines()) == 1, err
-    assert expected in err, err
-    return err
 
 
 # -- combining teachers ----------------------------------------------------------------------------

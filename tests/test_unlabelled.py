@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import fails_cleanly
 
-from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.data.sets import UNLABELLED
 from kdistill.data.unlabelled import select_pseudo_labelled, withhold_labels
@@ -16,14 +16,6 @@ from kdistill.pipeline import Pipeline, recipe_data
 from kdistill.schemes import run_recipe
 
 DIGITS = "recipes/digits_quick.yaml"
-
-
-def fails_cleanly(capsys, argv, expected: str) -> str:
-    assert main([*argv, "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("kdistill: error: ") and len(err.splitlines()) == 1, err
-    assert expected in err, err
-    return err
 
 
 def test_withheld_labels_are_a_fixed_part_of_the_training_split():

@@ -9,7 +9,7 @@ with every model it made measured side by side. From Python:
     from kdistill.schemes import run_recipe
     metrics = run_recipe(load_config("recipes/assistant_fashion_mnist.yaml"))
 
-The building blocks work on plain modules too: `kdistill.distill.Ensemble` (several teachers as
+The building blocks work on plain modules too: `kdistill.models.ensemble.Ensemble` (several teachers as
 one), `kdistill.schemes.online.MutualDistiller` (peers trained together).
 """
 

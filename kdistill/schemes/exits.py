@@ -28,7 +28,7 @@ from kdistill.errors import KdistillError
 from kdistill.evaluation import Entrant
 from kdistill.models import count_parameters
 from kdistill.pipeline import MODEL_FILE
-from kdistill.schemes.run import SchemeRun, entrant
+from kdistill.schemes.run import SchemeRun, TrainedTogether, entrant
 from kdistill.train.devices import device_of
 from kdistill.train.loop import unpack
 
@@ -106,7 +106,7 @@ class ExitObjective(nn.Module):
         pass
 
 
-class SelfDistiller(nn.Module):
+class SelfDistiller(TrainedTogether):
     """Train `model` with exits at the tap paths `exits`, taught by its deepest output and feature (`deepest`,
     default the input of its last Linear). The loop selects on the deepest output; `exit_models()` gives
     each exit as a model of its own."""
@@ -124,15 +124,6 @@ class SelfDistiller(nn.Module):
         self.student = model
         self.objective = ExitObjective(exits, alpha, temperature, feature_weight)
         self.taps = FeatureTaps(model, [*exits, self.deepest])
-
-    def train(self, mode: bool = True) -> "SelfDistiller":
-        self.training = mode
-        self.student.train(mode)
-        self.objective.train(mode)
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.student.parameters(), *self.objective.parameters()]
 
     @torch.no_grad()
     def prepare(self, loader, train_loader=None) -> None:
@@ -178,10 +169,6 @@ class SelfDistiller(nn.Module):
     def exit_models(self) -> dict[str, EarlyExit]:
         return {path: EarlyExit(self.student, path, self.objective.heads[ExitObjective.key(path)])
                 for path in self.objective.exits}
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        return self.student(inputs)
-
 
 class _Exited(Exception):
     def __init__(self, logits: Tensor):

@@ -34,7 +34,7 @@ from kdistill.models import create_model
 from kdistill.models.ensemble import Ensemble
 from kdistill.pipeline import recipe_objective
 from kdistill.schemes import register_scheme
-from kdistill.schemes.run import SchemeRun, entrant
+from kdistill.schemes.run import SchemeRun, TrainedTogether, entrant
 from kdistill.train import fit, save_model
 from kdistill.train.devices import resolve_device
 
@@ -74,7 +74,7 @@ class PeerObjectives(nn.Module):
             objective.set_epoch(epoch)
 
 
-class MutualDistiller(nn.Module):
+class MutualDistiller(TrainedTogether):
     """Train `models` together: model k on `objectives[k]` (default: the seed's 0.5 CE + 0.5 KD at T = 4),
     taught by the detached outputs of the models `teachers[k]` lists (default: every other one; [] = the
     labels alone). `train_configs[k]` (TrainConfig-like) gives model k its own optimizer, learning rate,
@@ -111,15 +111,6 @@ class MutualDistiller(nn.Module):
         self.train_configs = list(train_configs) if train_configs else None
         if device is not None:
             self.to(resolve_device(device))
-
-    def train(self, mode: bool = True) -> "MutualDistiller":
-        self.training = mode
-        self.student.train(mode)
-        self.objective.train(mode)
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.student.parameters(), *self.objective.parameters()]
 
     def optimizer_groups(self, cfg) -> list[tuple[list[nn.Parameter], Any]]:
         """Each model with its own objective's parameters, under its own training config (the loop's epochs)."""
@@ -162,8 +153,6 @@ class MutualDistiller(nn.Module):
         return fit(self, train_loader, cfg, val_loader=val_loader, seed=seed, out_dir=out_dir, resume=resume,
                    progress=Progress(progress), label=label, inputs=self.fingerprint())
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        return self.student(inputs)
 
 
 def _plain(cfg) -> dict:

@@ -235,6 +235,23 @@ def _figures(summary: dict) -> dict:
                                         "best_epoch")}
 
 
+class TrainedTogether(nn.Module):
+    """What the loop trains for a scheme that is not one Distiller: a `student` module (several models, or
+    one with exits) and an `objective` module (per-model objectives, exit heads); both train together."""
+
+    def train(self, mode: bool = True) -> "TrainedTogether":
+        self.training = mode
+        self.student.train(mode)
+        self.objective.train(mode)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.student.parameters(), *self.objective.parameters()]
+
+    def forward(self, inputs):
+        return self.student(inputs)
+
+
 def row_info(pipeline: Pipeline, role: str, title: str) -> dict:
     """What a part's model brings to its row besides the measured figures."""
     summary = pipeline.summary(role) if pipeline.done(role) else {}
