@@ -380,3 +380,13 @@ def test_schemes_run_in_two_processes(tmp_path, soft_label_cache, overrides):
     assert main(["run", DIGITS, f"out_dir={tmp_path}", *FAST, *overrides, "--nproc", "2", "--quiet"]) == 0
     metrics = json.loads((tmp_path / "digits_quick" / "metrics.json").read_text())
     assert metrics["student"]["test_accuracy"] > 0.2
+
+
+def test_exits_train_from_python_with_the_one_loop(tmp_path):
+    from kdistill.schemes.exits import SelfDistiller
+
+    torch.manual_seed(0)
+    exits = SelfDistiller(create_model("mlp", (1, 3, 4), 5, hidden=[16, 8]), ["body.fc1"])
+    result = exits.fit(_loader(), 2, val_loader=_loader(), out_dir=tmp_path, progress="quiet")
+    assert len(result.history) == 2 and "train_body.fc1.kd" in result.history[0]
+    assert exits.exit_models()["body.fc1"](torch.randn(2, 1, 3, 4)).shape == (2, 5)

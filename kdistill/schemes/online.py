@@ -35,7 +35,7 @@ from kdistill.models.ensemble import Ensemble
 from kdistill.pipeline import recipe_objective
 from kdistill.schemes import register_scheme
 from kdistill.schemes.run import SchemeRun, TrainedTogether, entrant
-from kdistill.train import fit, save_model
+from kdistill.train import save_model
 from kdistill.train.devices import resolve_device
 
 MAX_PEERS = 8
@@ -142,17 +142,6 @@ class MutualDistiller(TrainedTogether):
                 "objectives": {name: {label: [type(term).__name__, o.weights[label]] for label, term in
                                       o.terms.items()} for name, o in self.objective.objectives.items()},
                 "train": [None if c is None else _plain(c) for c in (self.train_configs or [])]}
-
-    def fit(self, train_loader, epochs: int, *, val_loader=None, seed: int = 0, out_dir=None, resume: bool = False,
-            label: str = "online", progress: str = "auto", **train_options):
-        """Train with the one loop (`Distiller.fit`'s options); the models keep the selected epoch's weights."""
-        from kdistill.config.loading import train_config
-        from kdistill.train import Progress
-
-        cfg = train_config(epochs=epochs, **train_options)
-        return fit(self, train_loader, cfg, val_loader=val_loader, seed=seed, out_dir=out_dir, resume=resume,
-                   progress=Progress(progress), label=label, inputs=self.fingerprint())
-
 
 
 def _plain(cfg) -> dict:

@@ -251,6 +251,16 @@ class TrainedTogether(nn.Module):
     def forward(self, inputs):
         return self.student(inputs)
 
+    def fit(self, train_loader, epochs: int, *, val_loader=None, seed: int = 0, out_dir=None, resume: bool = False,
+            label: str = "together", progress: str = "auto", **train_options):
+        """Train with the one loop (`Distiller.fit`'s options, TrainConfig fields); the models keep the selected
+        epoch's weights."""
+        from kdistill.config.loading import train_config
+
+        cfg = train_config(epochs=epochs, **train_options)
+        return fit(self, train_loader, cfg, val_loader=val_loader, seed=seed, out_dir=out_dir, resume=resume,
+                   progress=Progress(progress), label=label, inputs=self.fingerprint())
+
 
 def row_info(pipeline: Pipeline, role: str, title: str) -> dict:
     """What a part's model brings to its row besides the measured figures."""
