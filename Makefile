@@ -125,11 +125,13 @@ schemes: setup data
 	    $(if $(MULTI_TEACHERS),'multi_teacher.teachers=$(MULTI_TEACHERS)')
 	$(KD) sweep self_fashion_mnist $(SCHEMES) --name schemes_exits self_distill.mode=exits 'self_distill.exits=[conv1,conv2]'
 	$(KD) sweep fashion_mnist_resnet $(SCHEMES) --name schemes_labelled data.labelled_fraction=0.01,0.1
+	$(KD) sweep fashion_mnist_resnet $(SCHEMES) --name schemes_labelled_long data.labelled_fraction=0.01 \
+	    teacher.train.epochs=390
 	$(KD) sweep fashion_mnist_resnet $(SCHEMES) --name schemes_labelled_all $(if $(SCHEME_TEACHER),teacher.checkpoint=$(SCHEME_TEACHER))
 	$(KD) sweep noisy_student_fashion_mnist $(SCHEMES) --name schemes_noisy_student
 	$(KD) sweep online_fashion_mnist $(SCHEMES) --name schemes_online_teacher online.mode=teacher \
 	    'teacher.kwargs={width: 16, depth: 2}' 'distill.losses={ce: {weight: 0.1}, kd: {weight: 0.9}}' distill.temperature=4
 	$(KD) sweep assistant_fashion_mnist $(SCHEMES) --name schemes_assistant \
 	    $(if $(SCHEME_TEACHER),teacher.checkpoint=$(SCHEME_TEACHER))
-	$(PY) benchmarks/labelled_fraction.py runs/schemes_labelled runs/schemes_labelled_all \
+	$(PY) benchmarks/labelled_fraction.py runs/schemes_labelled runs/schemes_labelled_long runs/schemes_labelled_all \
 	    --out benchmarks/results/labelled_fraction.png
