@@ -269,7 +269,7 @@ def test_bad_scheme_settings(capsys, tmp_path, overrides, expected):
 
 
 def test_multi_teacher_teachers_that_disagree_on_the_class_count(capsys, tmp_path, monkeypatch):
-    (tmp_path / "five_classes.py").write_text(
+    (tmp_path / "multi_teacher_five_classes.py").write_text(
         "from torch import nn\n"
         "class Five(nn.Module):\n"
         "    def __init__(self):\n"
@@ -279,8 +279,8 @@ def test_multi_teacher_teachers_that_disagree_on_the_class_count(capsys, tmp_pat
         "        return self.net(x)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     fails_cleanly(capsys, ["run", DIGITS, f"out_dir={tmp_path}", *FAST, "scheme=multi_teacher",
-                           "multi_teacher.teachers=[{name: mlp}, {name: 'five_classes:Five'}]"],
-                  "multi_teacher.teachers[1] 'five_classes:Five' outputs 5 classes but digits has 10")
+                           "multi_teacher.teachers=[{name: mlp}, {name: 'multi_teacher_five_classes:Five'}]"],
+                  "multi_teacher.teachers[1] 'multi_teacher_five_classes:Five' outputs 5 classes but digits has 10")
     assert not any(tmp_path.rglob("*.safetensors"))
 
 
