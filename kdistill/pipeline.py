@@ -69,6 +69,8 @@ ROLE_FILES = (MODEL_FILE, "metrics.jsonl", "summary.json", STATE_FILE)  # what k
 SUMMARY_TYPES = {"best_epoch": int, "epochs_run": int, "best_val_accuracy": (int, float), "train_seconds": (int, float),
                  "train_samples_per_second": (int, float), "median_epoch_seconds": (int, float),
                  "teacher_signal": str, "teacher_weights": str}
+# How a model was trained, from its summary.json, in every row of a comparison.
+TRAINING_FIGURES = ("train_seconds", "train_samples_per_second", "median_epoch_seconds", "best_epoch")
 # What a retrained step makes obsolete: a new teacher makes the distilled student stale.
 DEPENDENTS = {"teacher": ("teacher", "student"), "baseline": ("baseline",), "student": ("student",)}
 # Biggest input batch the evaluation may build at once (latency batches, evaluation batches).
@@ -575,8 +577,7 @@ class Pipeline:
         (`distill.pseudo_labels`), and cut the student's soft-label `table` (if cached) down to its samples."""
         plain = table if self.teacher_signal == "cached" else self.soft_labels(views=0)[0]
         labelled, pool = len(self.data.train), len(self.data.unlabelled)
-        pool_rows = torch.arange(labelled, labelled + pool)
-        logits = plain[pool_rows] if isinstance(plain, TopKLogits) else plain[labelled:]
+        logits = plain[torch.arange(labelled, labelled + pool)]  # dense rows, from a TopKLogits table too
         choice = self.cfg.distill.pseudo_labels
         self.pool_rows, said = select_pseudo_labelled(logits, choice.min_confidence, choice.balance)
         self.progress.line(f"[student] {len(self.data.train):,} labelled samples and {said}")
@@ -592,15 +593,7 @@ class Pipeline:
         if not self.available("teacher"):
             raise KdistillError(f"no trained teacher in {self.run_dir}: run `kdistill train` first "
                                 "or set teacher.checkpoint")
-        entrants = {}
-        for role in ROLES:
-            if not self.available(role):
-                continue
-            summary = self.summary(role)
-            entrants[role] = Entrant(self.model(role), self.checkpoint_path(role), {
-                "model": self.specs[role].name,
-                **{key: summary.get(key) for key in ("train_seconds", "train_samples_per_second",
-                                                     "median_epoch_seconds", "best_epoch")}})
+        entrants = {role: self.entrant(role) for role in ROLES if self.available(role)}
         metrics, correct = compare_models(entrants, self.loader("test"), self.loader("val"), self.data,
                                           cfg.eval, self.device)
         if {"teacher", "baseline", "student"} <= metrics.keys():
@@ -613,6 +606,13 @@ class Pipeline:
             metrics["teacher_signal"] = self.summary("student").get("teacher_signal")
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2))
         return metrics
+
+    def entrant(self, role: str, title: str | None = None) -> Entrant:
+        """A role's model for `compare_models`, with its file and how it was trained (and a row title)."""
+        summary = self.summary(role)
+        info = {"model": self.specs[role].name, **({"title": title} if title else {}),
+                **{key: summary.get(key) for key in TRAINING_FIGURES}}
+        return Entrant(self.model(role), self.checkpoint_path(role), info)
 
     def checkpoint_path(self, role: str) -> Path:
         """The file a role's weights are read from: the run folder's, or the teacher checkpoint given."""

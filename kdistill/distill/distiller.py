@@ -154,8 +154,9 @@ class Distiller(nn.Module):
         for batch in itertools.islice(loader, max_batches):
             inputs, labels, index = (None if t is None else t.to(self.device) for t in unpack(batch))
             logits = self.signal(inputs, index).logits
-            labelled = class_of(labels) != UNLABELLED  # an unlabelled pool's rows have no class to check
-            correct += int((logits.argmax(1) == class_of(labels))[labelled].sum())
+            classes_of = class_of(labels)
+            labelled = classes_of != UNLABELLED  # an unlabelled pool's rows have no class to check
+            correct += int((logits.argmax(1) == classes_of)[labelled].sum())
             total += int(labelled.sum())
             classes = logits.shape[1]
         return (correct / total, total, classes) if total else None

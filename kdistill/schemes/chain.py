@@ -30,7 +30,7 @@ from kdistill.models import count_parameters
 from kdistill.models.ensemble import Ensemble
 from kdistill.pipeline import MODEL_FILE, Pipeline, augmentation
 from kdistill.schemes import register_scheme
-from kdistill.schemes.run import SchemeRun, entrant
+from kdistill.schemes.run import SchemeRun
 from kdistill.storage import file_digest
 from kdistill.train import distributed
 
@@ -124,13 +124,13 @@ def assistant(run: SchemeRun) -> dict:
         checks = [(model, f"assistant.chain[{i}]") for i, model in enumerate(cfg.assistant.chain)] if k == 1 else []
         links.append(Link(f"link{k}", updates, checks=checks))
     pipelines = run_links(run, links)
-    entrants = {"teacher": entrant(pipelines[0], "teacher", "teacher")}
+    entrants = {"teacher": pipelines[0].entrant("teacher", "teacher")}
     for k, pipeline in enumerate(pipelines[:-1], start=1):
         name = pipeline.specs["student"].name
-        entrants[f"assistant{k}"] = entrant(pipeline, "student", f"assistant {k} distilled ({name})")
-        entrants[f"assistant{k}_scratch"] = entrant(pipeline, "baseline", f"assistant {k} from scratch ({name})")
-    entrants["baseline"] = entrant(pipelines[-1], "baseline", "student from scratch")
-    entrants["student"] = entrant(pipelines[-1], "student", "student distilled through the chain")
+        entrants[f"assistant{k}"] = pipeline.entrant("student", f"assistant {k} distilled ({name})")
+        entrants[f"assistant{k}_scratch"] = pipeline.entrant("baseline", f"assistant {k} from scratch ({name})")
+    entrants["baseline"] = pipelines[-1].entrant("baseline", "student from scratch")
+    entrants["student"] = pipelines[-1].entrant("student", "student distilled through the chain")
     histories = _histories(pipelines, lambda i: f"link {i + 1} student")
     return run.compare(entrants, pipelines[-1], histories=histories)
 
@@ -199,10 +199,10 @@ def born_again(run: SchemeRun) -> dict:
                           before=_adopt_baseline(first_baseline)))
     pipelines = run_links(run, links)
     last = len(pipelines)
-    entrants = {"teacher": entrant(pipelines[0], "teacher", "generation 0 (from scratch)")}
+    entrants = {"teacher": pipelines[0].entrant("teacher", "generation 0 (from scratch)")}
     for k, pipeline in enumerate(pipelines[:-1], start=1):
-        entrants[f"gen{k}"] = entrant(pipeline, "student", f"generation {k}")
-    entrants["student"] = entrant(pipelines[-1], "student", f"generation {last}")
+        entrants[f"gen{k}"] = pipeline.entrant("student", f"generation {k}")
+    entrants["student"] = pipelines[-1].entrant("student", f"generation {last}")
     members = [pipeline.model("student") for pipeline in pipelines]
     entrants["ensemble"] = Entrant(Ensemble(members), None, {
         "model": f"{last} x {student['name']}", "title": f"ensemble of generations 1-{last}"})
@@ -273,9 +273,9 @@ def noisy_student(run: SchemeRun) -> dict:
                 before = _adopt_baseline(run.folder / "round1" / "baseline")
         links.append(Link(f"round{k}", updates, before=before))
     pipelines = run_links(run, links)
-    entrants = {"teacher": entrant(pipelines[0], "teacher", "teacher (labelled data)")}
+    entrants = {"teacher": pipelines[0].entrant("teacher", "teacher (labelled data)")}
     for k, pipeline in enumerate(pipelines[:-1], start=1):
-        entrants[f"round{k}"] = entrant(pipeline, "student", f"round {k} student")
-    entrants["baseline"] = entrant(pipelines[-1], "baseline", "student from scratch (labelled data)")
-    entrants["student"] = entrant(pipelines[-1], "student", f"round {len(pipelines)} student")
+        entrants[f"round{k}"] = pipeline.entrant("student", f"round {k} student")
+    entrants["baseline"] = pipelines[-1].entrant("baseline", "student from scratch (labelled data)")
+    entrants["student"] = pipelines[-1].entrant("student", f"round {len(pipelines)} student")
     return run.compare(entrants, pipelines[-1], histories=_histories(pipelines, lambda i: f"round {i + 1} student"))

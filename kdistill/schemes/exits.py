@@ -28,7 +28,7 @@ from kdistill.errors import KdistillError
 from kdistill.evaluation import Entrant
 from kdistill.models import count_parameters
 from kdistill.pipeline import MODEL_FILE
-from kdistill.schemes.run import SchemeRun, TrainedTogether, entrant
+from kdistill.schemes.run import SchemeRun, TrainedTogether
 from kdistill.train.devices import device_of
 from kdistill.train.loop import unpack
 
@@ -243,7 +243,7 @@ def run_exits(run: SchemeRun) -> dict:
         entrants[f"exit{number}"] = Entrant(exit_model.eval(), None, {
             "model": f"{cfg.student.name} to {path} + head", "title": f"exit {number} ({path})",
             "params": exit_model.used_parameters(shape), **trained})
-    entrants["baseline"] = entrant(scratch, "baseline", "student from scratch")
+    entrants["baseline"] = scratch.entrant("baseline", "student from scratch")
     return run.compare(entrants, scratch, histories={
         "student with exits (its objective)": folder / "metrics.jsonl",
         "student from scratch": scratch.role_dir("baseline") / "metrics.jsonl"},

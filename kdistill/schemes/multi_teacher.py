@@ -18,7 +18,7 @@ from kdistill.evaluation import Entrant
 from kdistill.functional import COMBINATIONS
 from kdistill.pipeline import recipe_objective
 from kdistill.schemes import register_scheme
-from kdistill.schemes.run import SchemeRun, entrant
+from kdistill.schemes.run import SchemeRun
 from kdistill.storage import file_digest
 from kdistill.train import distributed, load_tensors, save_tensors
 
@@ -90,12 +90,12 @@ def multi_teacher(run: SchemeRun) -> dict:
         student.run()
     entrants: dict[str, Entrant] = {}
     for number, pipeline in enumerate(pipelines, start=1):
-        entrants[f"teacher{number}"] = entrant(pipeline, "teacher",
+        entrants[f"teacher{number}"] = pipeline.entrant("teacher",
                                                f"teacher {number} ({pipeline.specs['teacher'].name})")
-    entrants["teacher"] = entrant(student, "teacher", f"teachers combined ({section.combine}, T = "
+    entrants["teacher"] = student.entrant("teacher", f"teachers combined ({section.combine}, T = "
                                                       f"{cfg.distill.temperature:g})")
-    entrants["baseline"] = entrant(student, "baseline", "student from scratch")
-    entrants["student"] = entrant(student, "student", "student distilled from the teachers")
+    entrants["baseline"] = student.entrant("baseline", "student from scratch")
+    entrants["student"] = student.entrant("student", "student distilled from the teachers")
     histories = {f"teacher {n}": p.role_dir("teacher") / "metrics.jsonl" for n, p in enumerate(pipelines, 1)}
     histories.update({"student from scratch": student.role_dir("baseline") / "metrics.jsonl",
                       "student distilled": student.role_dir("student") / "metrics.jsonl"})

@@ -34,7 +34,7 @@ from kdistill.models import create_model
 from kdistill.models.ensemble import Ensemble
 from kdistill.pipeline import recipe_objective
 from kdistill.schemes import register_scheme
-from kdistill.schemes.run import SchemeRun, TrainedTogether, entrant
+from kdistill.schemes.run import SchemeRun, TrainedTogether
 from kdistill.train import save_model
 from kdistill.train.devices import resolve_device
 
@@ -234,7 +234,7 @@ def online(run: SchemeRun) -> dict:
     if not teacher_mode:
         entrants["ensemble"] = Entrant(Ensemble(list(distiller.student.models)), None,
                                        {"model": f"{len(models)} peers", "title": "ensemble of the peers"})
-    entrants["baseline"] = entrant(scratch, "baseline", "student from scratch")
+    entrants["baseline"] = scratch.entrant("baseline", "student from scratch")
     return run.compare(entrants, scratch, histories={
         "models trained together (the student's objective)": folder / "metrics.jsonl",
         "student from scratch": scratch.role_dir("baseline") / "metrics.jsonl"})

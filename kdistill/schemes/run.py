@@ -37,6 +37,7 @@ from kdistill.pipeline import (
     MARKER_FILE,
     MODEL_FILE,
     ROLES,
+    TRAINING_FIGURES,
     Pipeline,
     recipe_data,
 )
@@ -231,8 +232,7 @@ def _read_summary(folder: Path) -> dict:
 
 
 def _figures(summary: dict) -> dict:
-    return {k: summary.get(k) for k in ("train_seconds", "train_samples_per_second", "median_epoch_seconds",
-                                        "best_epoch")}
+    return {key: summary.get(key) for key in TRAINING_FIGURES}
 
 
 class TrainedTogether(nn.Module):
@@ -260,15 +260,3 @@ class TrainedTogether(nn.Module):
         cfg = train_config(epochs=epochs, **train_options)
         return fit(self, train_loader, cfg, val_loader=val_loader, seed=seed, out_dir=out_dir, resume=resume,
                    progress=Progress(progress), label=label, inputs=self.fingerprint())
-
-
-def row_info(pipeline: Pipeline, role: str, title: str) -> dict:
-    """What a part's model brings to its row besides the measured figures."""
-    summary = pipeline.summary(role) if pipeline.done(role) else {}
-    return {"model": pipeline.specs[role].name, "title": title,
-            **{key: summary.get(key) for key in ("train_seconds", "train_samples_per_second",
-                                                 "median_epoch_seconds", "best_epoch")}}
-
-
-def entrant(pipeline: Pipeline, role: str, title: str) -> Entrant:
-    return Entrant(pipeline.model(role), pipeline.checkpoint_path(role), row_info(pipeline, role, title))

@@ -360,11 +360,11 @@ def fit(distiller, train_loader, cfg, *, val_loader=None, out_dir: Path | None =
             batches = progress.batches(epoch_batches, steps_per_epoch - first_step, f"{label} {epoch + 1}/{cfg.epochs}")
             for step_in_epoch, batch in enumerate(batches, start=first_step):
                 step = epoch * steps_per_epoch + step_in_epoch
+                lr = learning_rate(cfg, step, steps_per_epoch)  # the logged one; each optimizer follows its own
                 for optimizer, group_cfg in optimizers:
-                    group_lr = learning_rate(group_cfg, step, steps_per_epoch)
+                    group_lr = lr if group_cfg is cfg else learning_rate(group_cfg, step, steps_per_epoch)
                     for group in optimizer.param_groups:
                         group["lr"] = group_lr
-                lr = learning_rate(cfg, step, steps_per_epoch)  # the logged one
                 inputs, labels, index = _on(device, *unpack(batch))
                 with autocast(cfg.precision, device):
                     loss, logits, terms = compilation.call(step_function, inputs, labels, index)
