@@ -101,6 +101,34 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--input-shape", default="1,28,28", metavar="C,H,W",
                          help="a model: the input's channels, height and width (default 1,28,28)")
     inspect.add_argument("--classes", type=int, default=10, help="a model: its number of classes (default 10)")
+    compress = sub.add_parser(
+        "compress", help="prune (fine-tuned with distillation), quantise to int8 and export a run's distilled "
+                         "student; measure every result beside the teacher and baseline",
+        description="Every model made is a deployable folder in RUN_DIR/compressed/ (kdistill predict reads it);\n"
+                    "compressed/report.md compares them all (accuracy, size, MACs, latency in PyTorch and\n"
+                    "onnxruntime) and compressed/frontier.png plots accuracy against latency and size.",
+        epilog="example: kdistill compress runs/fashion_mnist_resnet --prune channels:0.5 --quantize int8\n"
+               "key=value overrides set the recipe's compress section, e.g. compress.finetune.epochs=3",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    compress.add_argument("run_dir", help="a run folder with a distilled student (made by kdistill run)")
+    compress.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. "
+                                                                           "compress.finetune.epochs=3")
+    compress.add_argument("--prune", action="append", default=[], metavar="METHOD:SHARE",
+                          help="unstructured:S, channels:S or channels_global:S, S in [0, 1); repeat to prune in turn")
+    compress.add_argument("--quantize", action="append", default=[], choices=("int8", "static", "dynamic"),
+                          help="int8 in onnxruntime: static (calibrated; int8 means static) or dynamic")
+    compress.add_argument("--export", choices=("onnx",), default=None, help="write and check ONNX files")
+    compress.add_argument("--teacher", choices=("student", "teacher"), default=None,
+                          help="who teaches the fine-tuning after pruning (default: the unpruned student)")
+    compress.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning")
+    compress.add_argument("--quiet", action="store_true", help="print nothing but the result")
+    predict = sub.add_parser(
+        "predict", help="the top classes of images (PNG, JPEG, .npy) by a deployable model folder",
+        epilog="example: kdistill predict runs/fashion_mnist_resnet/compressed/student shoe.png --runtime onnxruntime")
+    predict.add_argument("model_dir", help="a model folder (model.json + model.safetensors / model.onnx)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, or .npy arrays of images")
+    predict.add_argument("--runtime", choices=("pytorch", "onnxruntime"), default="pytorch")
+    predict.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
     listing = sub.add_parser("list", help="list built-in recipes, registered data sets, models or losses")
     listing.add_argument("kind", nargs="?", choices=LISTS, default=None)
     return parser
@@ -300,6 +328,13 @@ def _step(args, pipeline) -> None:
         say(comparison_table(metrics))
         say("", *result_lines(metrics), sep="\n")
         say(f"report: {pipeline.run_dir / 'report.md'}; plots: {pipeline.run_dir / 'curves.png'}")
+        from kdistill.deploy.compress import compress, wants_compression
+
+        if wants_compression(pipeline.cfg):
+            from kdistill.deploy.frontier import compression_table
+
+            say(compression_table(compress(pipeline, resume=args.resume)))
+            say(f"compressed: {pipeline.run_dir / 'compressed' / 'report.md'}")
     elif command == "train":
         role = "baseline" if args.baseline else "teacher"
         pipeline.model(role)
@@ -328,6 +363,43 @@ def _step(args, pipeline) -> None:
     elif command == "report":
         say(pipeline.report())
         say(f"\nreport: {pipeline.run_dir / 'report.md'}")
+
+
+def _compress(args) -> None:
+    from pathlib import Path
+
+    from kdistill.config import load_config
+    from kdistill.deploy.compress import compress
+    from kdistill.deploy.frontier import compression_table, headline
+    from kdistill.pipeline import CONFIG_FILE, Pipeline
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise KdistillError(f"{run_dir} is not a kdistill run folder (no {CONFIG_FILE}); give the folder "
+                            "`kdistill run` made")
+    quantize = sorted({"static" if mode == "int8" else mode for mode in args.quantize})
+    flags = [f"out_dir={run_dir.resolve().parent}", f"name={run_dir.resolve().name}",
+             *([f"compress.prune=[{','.join(args.prune)}]"] if args.prune else []),
+             *([f"compress.quantize=[{','.join(quantize)}]"] if quantize else []),
+             *(["compress.export=true"] if args.export else []),
+             *([f"compress.teacher={args.teacher}"] if args.teacher else [])]
+    cfg = load_config(run_dir / CONFIG_FILE, [*args.overrides, *flags])
+    with Pipeline(cfg, trains=(), progress="quiet" if args.quiet else "auto") as pipeline:
+        metrics = compress(pipeline, resume=args.resume)
+    print(compression_table(metrics))
+    if (line := headline(metrics)) is not None:
+        print(f"\n{line}")
+    print(f"\nreport: {run_dir / 'compressed' / 'report.md'}; plot: {run_dir / 'compressed' / 'frontier.png'}")
+
+
+def _predict(args) -> None:
+    from kdistill.deploy.predict import predict
+
+    if args.top < 1:
+        raise KdistillError(f"--top must be at least 1, got {args.top}")
+    for result in predict(args.model_dir, args.inputs, args.runtime, args.top,
+                          note=lambda line: print(line, file=sys.stderr)):
+        print(f"{result.source}: " + ", ".join(f"{name} {p:.3f}" for name, p in result.top))
 
 
 def _silent(*args, **kwargs) -> None:
@@ -404,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                 _sweep(args)
             elif args.command == "inspect":
                 _inspect(args)
+            elif args.command == "compress":
+                _compress(args)
+            elif args.command == "predict":
+                _predict(args)
             else:
                 _run(args)
         except KdistillError as err:

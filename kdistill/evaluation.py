@@ -58,13 +58,7 @@ def latency_ms(models: Mapping[str, nn.Module], input_shape: Sequence[int], batc
                                                        "x": torch.randn(b, *input_shape, device=device)},
                                   num_threads=torch.get_num_threads()) for b in batch_sizes]
         for i, batch in enumerate(batch_sizes):
-            for name in names:
-                timers[name][i].timeit(WARMUP_CALLS)
-            times: dict[str, list[float]] = {name: [] for name in names}
-            for round_ in range(repeats):
-                for k in range(len(names)):
-                    name = names[(round_ + k) % len(names)]
-                    times[name].append(timers[name][i].timeit(1).median)
+            times = interleaved_times({name: timers[name][i] for name in names}, repeats)
             for name in names:
                 median = statistics.median(times[name])
                 result.median[name][f"batch_{batch}"] = 1000 * median
@@ -73,6 +67,20 @@ def latency_ms(models: Mapping[str, nn.Module], input_shape: Sequence[int], batc
         for name, model in models.items():
             model.train(modes[name])
     return result
+
+
+def interleaved_times(timers: Mapping[str, Timer], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each timer over `repeats` rounds, after WARMUP_CALLS calls each. Each round
+    times every timer once, starting with a different one each round (see `latency_ms`)."""
+    names = list(timers)
+    for name in names:
+        timers[name].timeit(WARMUP_CALLS)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for k in range(len(names)):
+            name = names[(round_ + k) % len(names)]
+            times[name].append(timers[name].timeit(1).median)
+    return times
 
 
 def _interquartile_range(values: Sequence[float]) -> float:

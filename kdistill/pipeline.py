@@ -782,7 +782,7 @@ def augmentation(train_cfg) -> Augment | None:
 # Keys that change where or how fast things run, not what a run computes. data.root is here
 # because the data's digest is compared instead; threads because a resume checks it itself.
 NEUTRAL_KEYS = ("out_dir", "threads", "device", "data.root", "data.download", "data.on_device", "distill.cache_dir",
-                "eval.", *(f"{train}.{key}" for train in ("train", "teacher.train")
+                "eval.", "compress.", *(f"{train}.{key}" for train in ("train", "teacher.train")
                            for key in ("log_every_steps", "checkpoint_every_steps", "compile")))
 # The other schemes' sections: an offline run (a scheme's part too) does not read them.
 SCHEME_SECTIONS = ("online.", "self_distill.", "multi_teacher.", "assistant.", "noisy_student.")

@@ -30,7 +30,7 @@ MAX_VIEWS = 1024  # a table of views x samples x classes logits: far beyond this
 MAX_TOP_K = 2 ** 20
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
 # Maps whose keys the schema does not fix: a `{...}` override replaces them (or a map inside them) whole.
-FREE_FORM_MAPS = ("teacher.kwargs", "student.kwargs", "distill.losses", "noisy_student.noise")
+FREE_FORM_MAPS = ("teacher.kwargs", "student.kwargs", "distill.losses", "noisy_student.noise", "compress.losses")
 
 
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -351,6 +351,9 @@ def validate(cfg: DictConfig) -> None:
     from kdistill.schemes import check_scheme  # here: the schemes import the pipeline, which imports this module
 
     check_scheme(cfg)
+    from kdistill.deploy.compress import check_compress
+
+    check_compress(cfg)
 
 
 def _check_unlabelled_training(cfg: DictConfig) -> None:

@@ -190,6 +190,30 @@ class EvalConfig:
     latency_repeats: int = 30  # timed rounds per model and batch size (the median is reported)
 
 
+def _finetune_defaults() -> TrainConfig:
+    return TrainConfig(epochs=5, lr=0.001, schedule="cosine")
+
+
+@dataclass
+class CompressConfig:
+    """The distilled student made smaller and faster (`kdistill compress`; `kdistill run` ends with it when a
+    step is set). Every model made is a deployable folder in <run>/compressed/, measured beside the others."""
+
+    # applied in turn, each fine-tuned with distillation: unstructured:S (global magnitude), channels:S (the same
+    # share S of every layer's channels removed), channels_global:S (channels ranked across layers)
+    prune: List[str] = field(default_factory=list)
+    teacher: str = "student"  # who teaches each fine-tuning: student (the unpruned distilled one) | teacher
+    # the fine-tuning objective, as distill.losses; {} = ce 0.1 + kd 0.9
+    losses: Dict[str, Any] = field(default_factory=dict)
+    temperature: float = 4.0  # default T of the fine-tuning's terms
+    finetune: TrainConfig = field(default_factory=_finetune_defaults)  # the fine-tuning after each pruning
+    quantize: List[str] = field(default_factory=list)  # int8 versions in onnxruntime: static (calibrated) | dynamic
+    export: bool = False  # ONNX files of every model (quantize implies it), checked in onnxruntime
+    opset: int = 18  # the ONNX opset
+    calibration_images: int = 1000  # training images that calibrate static int8 (a fixed seeded choice)
+    latency_repeats: int = 50  # timed rounds per model, runtime and batch size (median and 90th percentile)
+
+
 @dataclass
 class RunConfig:
     name: str = "run"  # the run folder is <out_dir>/<name>
@@ -210,3 +234,4 @@ class RunConfig:
     multi_teacher: MultiTeacherConfig = field(default_factory=MultiTeacherConfig)  # scheme multi_teacher
     assistant: AssistantConfig = field(default_factory=AssistantConfig)  # scheme assistant
     noisy_student: NoisyStudentConfig = field(default_factory=NoisyStudentConfig)  # scheme noisy_student
+    compress: CompressConfig = field(default_factory=CompressConfig)  # pruning, int8 and export of the student

@@ -41,3 +41,37 @@ def output_classes(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise KdistillError(f"{type(model).__name__} must return logits of shape [batch, classes], got {shape}")
     return logits.shape[-1]
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates per sample of the Conv and Linear layers, counted exactly on one forward pass.
+
+    A conv output element costs (in_channels / groups) * kernel area MACs, a Linear output element
+    in_features; element-wise work (BatchNorm, ReLU, pooling, residual adds) is not counted, as is usual.
+    Dense count: zeroed weights (unstructured pruning) still run, so they still count.
+    """
+    total = 0
+
+    def conv(module: nn.Conv2d, _inputs, output) -> None:
+        nonlocal total
+        per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        total += output.numel() // output.shape[0] * per_output
+
+    def linear(module: nn.Linear, _inputs, output) -> None:
+        nonlocal total
+        total += output.numel() // output.shape[0] * module.in_features
+
+    hooks = [module.register_forward_hook(conv if isinstance(module, nn.Conv2d) else linear)
+             for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return total
