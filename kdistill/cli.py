@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, or .npy arrays of images")
     predict.add_argument("--runtime", choices=("pytorch", "onnxruntime"), default="pytorch")
     predict.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
+    predict.add_argument("--quiet", action="store_true", help="no notes (resized images), only the predictions")
     listing = sub.add_parser("list", help="list built-in recipes, registered data sets, models or losses")
     listing.add_argument("kind", nargs="?", choices=LISTS, default=None)
     return parser
@@ -398,7 +399,7 @@ def _predict(args) -> None:
     if args.top < 1:
         raise KdistillError(f"--top must be at least 1, got {args.top}")
     for result in predict(args.model_dir, args.inputs, args.runtime, args.top,
-                          note=lambda line: print(line, file=sys.stderr)):
+                          note=_silent if args.quiet else lambda line: print(line, file=sys.stderr)):
         print(f"{result.source}: " + ", ".join(f"{name} {p:.3f}" for name, p in result.top))
 
 

@@ -157,7 +157,7 @@ def _pruned(pipe, name: str, step: Pruning, source: Made, teacher: nn.Module, *,
                  "losses": OmegaConf.to_container(c.losses) or FINETUNE_LOSSES, "temperature": c.temperature}
     try:
         card = read_card(folder)
-        if {k: v for k, v in card.made_from.items() if k != "weights"} == made_from:
+        if {key: card.made_from.get(key) for key in made_from} == made_from:
             model, _ = load_bundle(folder)
             pipe.progress.line(f"[{name}] using {folder} (its source, pruning and fine-tuning are unchanged)")
             return Made(folder, card, model.to(pipe.device))

@@ -125,6 +125,13 @@ def remove_channels(model: nn.Module, amount: float, input_shape: tuple[int, int
     example = torch.zeros(1, *input_shape)
     before = {name: _width(m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
     classifier = classifier_of(model)
+    if not ranked_globally:  # each layer keeps int(width * (1 - amount)) channels: none is no layer
+        emptied = [f"'{name}' ({width} channels)" for name, m in model.named_modules()
+                   if isinstance(m, PRUNABLE) and m is not classifier and int((width := _width(m)) * (1 - amount)) == 0]
+        if emptied:
+            raise KdistillError(f"removing {amount:g} of every layer's channels would remove every channel of "
+                                f"{', '.join(emptied[:3])}; use a share below {1 - 1 / min(before.values()):g}, or "
+                                "'channels_global' (ranked across layers)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns about modules it does not know, then copes
