@@ -120,6 +120,7 @@ def write_report(run_dir: Path, metrics: dict, config_yaml: str, histories: dict
     if (line := data_line(metrics)) is not None:
         lines += [line, ""]
     lines += ["![curves](curves.png)", ""]
+    lines += compressed_section(run_dir)
     if (table := class_table(metrics)) is not None:
         lines += ["## Test accuracy per class", "", table, ""]
     lines += [
@@ -132,6 +133,23 @@ def write_report(run_dir: Path, metrics: dict, config_yaml: str, histories: dict
     ]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
     write_curves(run_dir, histories)
+
+
+def compressed_section(run_dir: Path) -> list[str]:
+    """A row per `kdistill compress` model, when the run has them (details in compressed/report.md)."""
+    path = run_dir / "compressed" / "metrics.json"
+    if not path.is_file():
+        return []
+    from kdistill.deploy.frontier import compression_table, headline
+
+    try:
+        metrics = json.loads(path.read_text())
+        lines = ["## Compressed models", "", compression_table(metrics), ""]
+        if (line := headline(metrics)) is not None:
+            lines += [line, ""]
+    except (ValueError, KeyError, TypeError, AttributeError):  # hand-edited or from another version
+        return ["## Compressed models", "", f"{path} is unreadable: run `kdistill compress` again.", ""]
+    return lines + ["Details and the accuracy-latency-size frontier: [compressed/report.md](compressed/report.md).", ""]
 
 
 def read_history(path: Path) -> list[dict]:

@@ -240,3 +240,12 @@ def test_compress_bad_inputs_fail_cleanly(compressed, tmp_path, capsys):
     fails_cleanly(capsys, ["compress", str(compressed), "--prune", "channels:1.0"], "must be in [0, 1)")
     fails_cleanly(capsys, ["compress", str(tmp_path)], "not a kdistill run folder")
     fails_cleanly(capsys, ["compress", str(compressed), "compress.opset=5"], "compress.opset")
+
+
+def test_a_recipe_compress_section_makes_run_end_with_it(tmp_path, soft_label_cache):
+    assert main(["run", "recipes/digits_quick.yaml", f"out_dir={tmp_path}", "train.epochs=2", "teacher.train.epochs=2",
+                 "compress.export=true", "compress.latency_repeats=5", "--quiet"]) == 0
+    run = tmp_path / "digits_quick"
+    assert (run / "compressed" / "student" / "model.onnx").is_file()
+    report = (run / "report.md").read_text()
+    assert "## Compressed models" in report and "| student | onnxruntime |" in report

@@ -121,6 +121,11 @@ def compress(pipe, *, resume: bool = False) -> dict:
     from kdistill.deploy.frontier import write_compression_report
 
     write_compression_report(out, metrics)
+    if (pipe.run_dir / "metrics.json").is_file():
+        try:
+            pipe.report()  # the run's report gains a row per compressed model
+        except KdistillError as err:
+            pipe.progress.line(f"the run's report.md is left as it was: {err}")
     return metrics
 
 
