@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            "compress.finetune.epochs=3")
     compress.add_argument("--prune", action="append", default=[], metavar="METHOD:SHARE",
                           help="unstructured:S, channels:S or channels_global:S, S in [0, 1); repeat to prune in turn")
-    compress.add_argument("--quantize", action="append", default=[], choices=("int8", "static", "dynamic"),
-                          help="int8 in onnxruntime: static (calibrated; int8 means static) or dynamic")
+    compress.add_argument("--quantize", action="append", default=[], choices=("int8", "static", "dynamic", "qat"),
+                          help="int8 in onnxruntime: static (calibrated; int8 means static), dynamic, or qat "
+                               "(quantisation-aware training with distillation)")
     compress.add_argument("--export", choices=("onnx",), default=None, help="write and check ONNX files")
     compress.add_argument("--teacher", choices=("student", "teacher"), default=None,
                           help="who teaches the fine-tuning after pruning (default: the unpruned student)")

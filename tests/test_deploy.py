@@ -147,7 +147,7 @@ def compressed(tmp_path_factory):
     assert main(["run", "recipes/digits_quick.yaml", *common]) == 0
     run = out / "digits_quick"
     assert main(["compress", str(run), "--prune", "channels:0.5", "--prune", "unstructured:0.5", "--quantize",
-                 "int8", "--quantize", "dynamic", "--export", "onnx", "compress.finetune.epochs=2",
+                 "int8", "--quantize", "dynamic", "--quantize", "qat", "--export", "onnx", "compress.finetune.epochs=2",
                  "compress.latency_repeats=5", "compress.calibration_images=200", "--quiet"]) == 0
     return run
 
@@ -157,6 +157,7 @@ def test_compress_makes_a_folder_per_step_measured_side_by_side(compressed):
     metrics = json.loads((folder / "metrics.json").read_text())
     expected = {"teacher", "baseline", "student", "channels50", "channels50_unstructured50"}
     expected |= {f"{n}_int8_{m}" for n in list(expected) for m in ("static", "dynamic")}
+    expected |= {f"{n}_int8_qat" for n in ("student", "channels50", "channels50_unstructured50")}  # students only
     assert set(metrics["rows"]) == expected
     models = metrics["models"]
     assert models["channels50"]["params"] < 0.4 * models["student"]["params"]
@@ -174,6 +175,10 @@ def test_compress_makes_a_folder_per_step_measured_side_by_side(compressed):
             assert runtime["latency_ms"]["batch_1"]["p90_ms"] >= runtime["latency_ms"]["batch_1"]["median_ms"]
     assert models["student_int8_static"]["bytes"]["onnx"] < models["student"]["bytes"]["onnx"]
     assert models["student_int8_static"]["runtimes"]["onnxruntime"]["test_accuracy"] > 0.5
+    qat = json.loads((folder / "student_int8_qat" / "model.json").read_text())["made_from"]
+    assert qat["int8_layers"] and qat["best_epoch"] >= 1  # trained through the loop, int8 in the ONNX graph
+    assert (folder / "student_int8_qat" / "metrics.jsonl").exists()
+    assert models["student_int8_qat"]["runtimes"]["onnxruntime"]["test_accuracy"] > 0.5
     assert (folder / "frontier.png").stat().st_size > 10_000
     assert "Fastest model keeping 99 %" in (folder / "report.md").read_text() or \
         "No model keeps" in (folder / "report.md").read_text()

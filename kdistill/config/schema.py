@@ -207,7 +207,9 @@ class CompressConfig:
     losses: Dict[str, Any] = field(default_factory=dict)
     temperature: float = 4.0  # default T of the fine-tuning's terms
     finetune: TrainConfig = field(default_factory=_finetune_defaults)  # the fine-tuning after each pruning
-    quantize: List[str] = field(default_factory=list)  # int8 versions in onnxruntime: static (calibrated) | dynamic
+    # int8 versions, run in onnxruntime: static (calibrated) | dynamic | qat (quantisation-aware training of each
+    # student, with the fine-tuning's distillation objective and teacher)
+    quantize: List[str] = field(default_factory=list)
     export: bool = False  # ONNX files of every model (quantize implies it), checked in onnxruntime
     opset: int = 18  # the ONNX opset
     calibration_images: int = 1000  # training images that calibrate static int8 (a fixed seeded choice)

@@ -29,7 +29,7 @@ from torch import nn
 from kdistill.deploy.bundle import ONNX_FILE, WEIGHTS_FILE, ModelCard, load_bundle, read_card, save_bundle, write_card
 from kdistill.deploy.export import FP32_TOLERANCE, export_onnx, onnx_logits, onnx_session
 from kdistill.deploy.prune import Pruning, bake_masks, parse_pruning, prune, sparsity
-from kdistill.deploy.quantize import MODES, quantize_onnx
+from kdistill.deploy.quantize import MODES, int8_layers_of, quantize_onnx
 from kdistill.deploy.timing import deployment_latency
 from kdistill.distill import Distiller
 from kdistill.distill.signals import weights_digest
@@ -59,8 +59,8 @@ def check_compress(cfg: DictConfig) -> None:
     if c.teacher not in TEACHERS:
         raise KdistillError(f"compress.teacher: {c.teacher!r} is not one of {', '.join(TEACHERS)}")
     for mode in c.quantize:
-        if mode not in MODES:
-            raise KdistillError(f"compress.quantize: {mode!r} is not one of {', '.join(MODES)}")
+        if mode not in (*MODES, "qat"):
+            raise KdistillError(f"compress.quantize: {mode!r} is not one of {', '.join(MODES)}, qat")
     if not 13 <= c.opset <= 21:
         raise KdistillError(f"compress.opset: give an ONNX opset from 13 to 21, got {c.opset}")
     if not 1 <= c.calibration_images <= 100_000:
@@ -115,7 +115,13 @@ def compress(pipe, *, resume: bool = False) -> dict:
         calibration = _calibration_images(pipe, made["student"].card, c.calibration_images, cfg.seed)
         for name in [n for n, m in made.items() if m.model is not None]:
             for mode in c.quantize:
-                made[f"{name}_int8_{mode}"] = _quantized(out / f"{name}_int8_{mode}", made[name], mode, calibration)
+                if mode == "qat":  # trained: only the students, not the run's teacher and baseline
+                    if name not in ("teacher", "baseline"):
+                        made[f"{name}_int8_qat"] = _quantisation_aware(pipe, made[name], made[c.teacher].model,
+                                                                       resume=resume)
+                else:
+                    made[f"{name}_int8_{mode}"] = _quantized(out / f"{name}_int8_{mode}", made[name], mode,
+                                                             calibration)
     metrics = _measure(pipe, made, test_images, test_labels)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     from kdistill.deploy.frontier import write_compression_report
@@ -152,48 +158,97 @@ def _fp32_folder(folder: Path, model: nn.Module, card: ModelCard) -> Made:
     return Made(folder, save_bundle(folder, cpu, card), model)
 
 
+def _fine_tuning_inputs(pipe, source: Made, teacher: nn.Module) -> dict:
+    """What a fine-tuned step depends on besides its own step: its source, its teacher, its training."""
+    c = pipe.cfg.compress
+    return {"run": str(pipe.run_dir), "source": source.folder.name, "source_weights": weights_digest(source.model),
+            "teacher": c.teacher, "teacher_weights": weights_digest(teacher),
+            "finetune": OmegaConf.to_container(c.finetune),
+            "losses": OmegaConf.to_container(c.losses) or FINETUNE_LOSSES, "temperature": c.temperature}
+
+
+def _unchanged(folder: Path, made_from: dict) -> ModelCard | None:
+    """The folder's card if the folder was made from exactly `made_from` (and is complete), else None."""
+    try:
+        card = read_card(folder)
+    except KdistillError:
+        return None
+    complete = (folder / (WEIGHTS_FILE if card.weights_sha256 else ONNX_FILE)).is_file()
+    return card if complete and {key: card.made_from.get(key) for key in made_from} == made_from else None
+
+
+def _fine_tune(pipe, folder: Path, model: nn.Module, teacher: nn.Module, *, resume: bool) -> dict:
+    """Train `model` in `folder` with the fine-tuning objective through the one loop; what the card records."""
+    c = pipe.cfg.compress
+    objective = build_objective(c.losses or FINETUNE_LOSSES, c.temperature)
+    distiller = Distiller(teacher, model, objective, device=pipe.device)
+    loader = pipe.loader("train", c.finetune)
+    result = fit(distiller, loader, c.finetune, val_loader=pipe.loader("val"), out_dir=folder, resume=resume,
+                 seed=pipe.cfg.seed, progress=pipe.progress, label=folder.name, inputs=distiller.fingerprint(loader))
+    return {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+            "train_seconds": result.train_seconds}
+
+
+def _claim_step(folder: Path, resume: bool) -> None:
+    """An interrupted fine-tuning continues only with --resume; anything else in the folder is redone."""
+    if (folder / STATE_FILE).exists():
+        if not resume:
+            raise KdistillError(f"{folder} holds an interrupted fine-tuning: pass --resume to continue it, or "
+                                "delete the folder to start it over")
+        return
+    _clear(folder)
+
+
 def _pruned(pipe, name: str, step: Pruning, source: Made, teacher: nn.Module, *, resume: bool) -> Made:
     """`source`'s model pruned by `step`, fine-tuned by distillation from `teacher`, in its own folder."""
     c = pipe.cfg.compress
     folder = pipe.run_dir / FOLDER / name
-    made_from = {"run": str(pipe.run_dir), "source": source.folder.name, "source_weights": weights_digest(source.model),
-                 "pruning": f"{step.method}:{step.amount:g}", "teacher": c.teacher,
-                 "teacher_weights": weights_digest(teacher), "finetune": OmegaConf.to_container(c.finetune),
-                 "losses": OmegaConf.to_container(c.losses) or FINETUNE_LOSSES, "temperature": c.temperature}
-    try:
-        card = read_card(folder)
-        if {key: card.made_from.get(key) for key in made_from} == made_from:
-            model, _ = load_bundle(folder)
-            pipe.progress.line(f"[{name}] using {folder} (its source, pruning and fine-tuning are unchanged)")
-            return Made(folder, card, model.to(pipe.device))
-    except KdistillError:
-        pass
-    interrupted = (folder / STATE_FILE).exists()
-    if interrupted and not resume:
-        raise KdistillError(f"{folder} holds an interrupted fine-tuning: pass --resume to continue it, or delete "
-                            "the folder to start it over")
-    if not interrupted:
-        _clear(folder)
+    made_from = {**_fine_tuning_inputs(pipe, source, teacher), "pruning": f"{step.method}:{step.amount:g}"}
+    if (card := _unchanged(folder, made_from)) is not None:
+        model, _ = load_bundle(folder)
+        pipe.progress.line(f"[{name}] using {folder} (its source, pruning and fine-tuning are unchanged)")
+        return Made(folder, card, model.to(pipe.device))
+    _claim_step(folder, resume)
     model = prune(source.model, step, pipe.data.input_shape).to(pipe.device)
     before, after = count_parameters(source.model), count_parameters(model)
     pipe.progress.line(f"[{name}] {step.method} pruning of {step.amount:g}: {before:,} -> {after:,} parameters, "
                        f"{100 * sparsity(model):.1f} % of the weights zero; fine-tuning "
                        f"{c.finetune.epochs} epochs from the {c.teacher}")
-    objective = build_objective(c.losses or FINETUNE_LOSSES, c.temperature)
-    distiller = Distiller(teacher, model, objective, device=pipe.device)
-    loader = pipe.loader("train", c.finetune)
-    result = fit(distiller, loader, c.finetune, val_loader=pipe.loader("val"), out_dir=folder, resume=resume,
-                 seed=pipe.cfg.seed, progress=pipe.progress, label=name, inputs=distiller.fingerprint(loader))
+    trained = _fine_tune(pipe, folder, model, teacher, resume=resume)
     model = bake_masks(model).eval()
     spec = pipe.specs["student"]
-    card = _card(pipe, "student", {**made_from, "best_epoch": result.best_epoch,
-                                   "best_val_accuracy": result.best_val_accuracy,
-                                   "train_seconds": result.train_seconds},
-                 spec.name, OmegaConf.to_container(spec.kwargs, resolve=True))
+    card = _card(pipe, "student", {**made_from, **trained}, spec.name,
+                 OmegaConf.to_container(spec.kwargs, resolve=True))
     card.made_from["weights"] = weights_digest(model)
     save_bundle(folder, _cpu_copy(model), card)
     (folder / STATE_FILE).unlink(missing_ok=True)
     return Made(folder, card, model)
+
+
+def _quantisation_aware(pipe, source: Made, teacher: nn.Module, *, resume: bool) -> Made:
+    """`source` fine-tuned with int8 fake-quantisation and distillation from `teacher`, as an int8 ONNX model."""
+    from kdistill.deploy.qat import convert_qat, prepare_qat
+
+    c = pipe.cfg.compress
+    folder = pipe.run_dir / FOLDER / f"{source.folder.name}_int8_qat"
+    made_from = {**_fine_tuning_inputs(pipe, source, teacher), "int8": "qat", "opset": c.opset}
+    if (card := _unchanged(folder, made_from)) is not None:
+        pipe.progress.line(f"[{folder.name}] using {folder} (its source and fine-tuning are unchanged)")
+        return Made(folder, card, None)
+    _claim_step(folder, resume)
+    model = prepare_qat(source.model, pipe.data.input_shape).to(pipe.device)
+    pipe.progress.line(f"[{folder.name}] quantisation-aware training, {c.finetune.epochs} epochs from the {c.teacher}")
+    trained = _fine_tune(pipe, folder, model, teacher, resume=resume)
+    export_onnx(convert_qat(model), tuple(source.card.input_shape), folder / ONNX_FILE, c.opset)
+    layers = int8_layers_of(folder / ONNX_FILE)
+    if layers.kept_fp32:
+        pipe.progress.line(f"[{folder.name}] left in fp32 by the quantiser: {', '.join(layers.kept_fp32)}")
+    card = ModelCard(**{**source.card.__dict__, "weights_sha256": "", "made_from": {
+        **made_from, **trained, "int8_layers": layers.quantized, "fp32_layers": layers.kept_fp32}})
+    card.onnx = {"file": ONNX_FILE, "opset": c.opset, "sha256": file_digest(folder / ONNX_FILE), "int8": "qat"}
+    write_card(folder, card)
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    return Made(folder, card, None)
 
 
 def _exported(made: Made, test_images: torch.Tensor, opset: int, pipe) -> Made:

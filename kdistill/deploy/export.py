@@ -27,7 +27,7 @@ FP32_TOLERANCE = 1e-4  # largest |logit difference| between onnxruntime and PyTo
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path, opset: int = OPSET) -> None:
     """Write `model` (on the CPU, eval mode) as ONNX to `path`, atomically."""
-    model = model.eval()
+    model.eval()  # not `model = model.eval()`: an exported graph's eval (torchao's) returns None
     example = torch.randn(2, *input_shape, device="cpu")
     try:
         with _quiet():

@@ -79,6 +79,16 @@ def quantize_onnx(source: Path, target: Path, mode: str, calibration: torch.Tens
     return Quantized(sorted(int8), kept)
 
 
+def int8_layers_of(path: Path) -> Quantized:
+    """Which layers of a QDQ ONNX model (quantisation-aware training's) run in int8, and which do not."""
+    import onnx
+
+    model = onnx.load(str(path))
+    layers = _layer_names(model)
+    int8 = _int8_layers(model, layers, "static")
+    return Quantized(sorted(int8), sorted(set(layers.values()) - int8))
+
+
 def _layer_names(model) -> dict[str, str]:
     """Weighted nodes of an exported graph -> where in the PyTorch model each came from."""
     names = {}
