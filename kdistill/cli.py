@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="int8 in onnxruntime: static (calibrated; int8 means static), dynamic, or qat "
                                "(quantisation-aware training with distillation)")
     compress.add_argument("--export", choices=("onnx",), default=None, help="write and check ONNX files")
+    compress.add_argument("--source", choices=("student", "teacher"), default=None,
+                          help="what the first pruning starts from (default: the distilled student)")
     compress.add_argument("--teacher", choices=("student", "teacher"), default=None,
                           help="who teaches the fine-tuning after pruning (default: the unpruned student)")
     compress.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning")
@@ -384,7 +386,8 @@ def _compress(args) -> None:
              *([f"compress.prune=[{','.join(args.prune)}]"] if args.prune else []),
              *([f"compress.quantize=[{','.join(quantize)}]"] if quantize else []),
              *(["compress.export=true"] if args.export else []),
-             *([f"compress.teacher={args.teacher}"] if args.teacher else [])]
+             *([f"compress.teacher={args.teacher}"] if args.teacher else []),
+             *([f"compress.source={args.source}"] if args.source else [])]
     cfg = load_config(run_dir / CONFIG_FILE, [*args.overrides, *flags])
     with Pipeline(cfg, trains=(), progress="quiet" if args.quiet else "auto") as pipeline:
         metrics = compress(pipeline, resume=args.resume)

@@ -202,6 +202,8 @@ class CompressConfig:
     # applied in turn, each fine-tuned with distillation: unstructured:S (global magnitude), channels:S (the same
     # share S of every layer's channels removed), channels_global:S (channels ranked across layers)
     prune: List[str] = field(default_factory=list)
+    # what the first pruning starts from: student (the distilled one) | teacher (prune then distil, as Minitron)
+    source: str = "student"
     teacher: str = "student"  # who teaches each fine-tuning: student (the unpruned distilled one) | teacher
     # the fine-tuning objective, as distill.losses; {} = ce 0.1 + kd 0.9
     losses: Dict[str, Any] = field(default_factory=dict)

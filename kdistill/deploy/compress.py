@@ -56,8 +56,9 @@ def check_compress(cfg: DictConfig) -> None:
                             "with `kdistill compress FOLDER` (a scheme's parts are ordinary run folders)")
     for text in c.prune:
         parse_pruning(str(text), "compress.prune")
-    if c.teacher not in TEACHERS:
-        raise KdistillError(f"compress.teacher: {c.teacher!r} is not one of {', '.join(TEACHERS)}")
+    for key in ("source", "teacher"):
+        if c[key] not in TEACHERS:
+            raise KdistillError(f"compress.{key}: {c[key]!r} is not one of {', '.join(TEACHERS)}")
     for mode in c.quantize:
         if mode not in (*MODES, "qat"):
             raise KdistillError(f"compress.quantize: {mode!r} is not one of {', '.join(MODES)}, qat")
@@ -102,7 +103,7 @@ def compress(pipe, *, resume: bool = False) -> dict:
         if pipe.available(role):
             model = pipe.model(role)
             made[role] = _fp32_folder(out / role, model, _card(pipe, role, {"run": str(pipe.run_dir), "role": role}))
-    source = "student"
+    source = c.source
     for step in steps_of(cfg):
         name = step.name if source == "student" else f"{source}_{step.name}"
         made[name] = _pruned(pipe, name, step, made[source], made[c.teacher].model, resume=resume)
@@ -135,11 +136,10 @@ def compress(pipe, *, resume: bool = False) -> dict:
     return metrics
 
 
-def _card(pipe, role: str, made_from: dict, model_name: str | None = None, kwargs: dict | None = None) -> ModelCard:
+def _card(pipe, role: str, made_from: dict) -> ModelCard:
     spec = pipe.specs["teacher" if role == "teacher" else "student"]
     data = pipe.data
-    return ModelCard(model=model_name or spec.name,
-                     kwargs=kwargs if kwargs is not None else OmegaConf.to_container(spec.kwargs, resolve=True),
+    return ModelCard(model=spec.name, kwargs=OmegaConf.to_container(spec.kwargs, resolve=True),
                      input_shape=list(data.input_shape), mean=list(data.mean), std=list(data.std),
                      classes=list(data.classes), made_from=made_from)
 
@@ -216,9 +216,7 @@ def _pruned(pipe, name: str, step: Pruning, source: Made, teacher: nn.Module, *,
                        f"{c.finetune.epochs} epochs from the {c.teacher}")
     trained = _fine_tune(pipe, folder, model, teacher, resume=resume)
     model = bake_masks(model).eval()
-    spec = pipe.specs["student"]
-    card = _card(pipe, "student", {**made_from, **trained}, spec.name,
-                 OmegaConf.to_container(spec.kwargs, resolve=True))
+    card = ModelCard(**{**source.card.__dict__, "onnx": None, "made_from": {**made_from, **trained}})
     card.made_from["weights"] = weights_digest(model)
     save_bundle(folder, _cpu_copy(model), card)
     (folder / STATE_FILE).unlink(missing_ok=True)
