@@ -788,12 +788,22 @@ NEUTRAL_KEYS = ("out_dir", "threads", "device", "data.root", "data.download", "d
 SCHEME_SECTIONS = ("online.", "self_distill.", "multi_teacher.", "assistant.", "noisy_student.")
 
 
+@functools.cache
+def _schema_defaults() -> dict:
+    from kdistill.config.schema import RunConfig
+
+    return flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=True))
+
+
 def changed_keys(old: DictConfig, new: DictConfig) -> list[str]:
     """The config keys whose values differ, leaving out NEUTRAL_KEYS; and the teacher's training keys when
     both load the same teacher checkpoint (it is loaded, not trained: a recipe's new teacher schedule
     changes nothing there)."""
-    flat_old = {"scheme": "offline", **flatten(OmegaConf.to_container(old, resolve=True))}  # older configs
-    flat_new = {"scheme": "offline", **flatten(OmegaConf.to_container(new, resolve=True))}
+    # A key added to kdistill after `old` was written takes its default there: new keys default to the
+    # behaviour from before they existed, so a run folder made by an older version stays usable.
+    defaults = _schema_defaults()
+    flat_old = {**defaults, **flatten(OmegaConf.to_container(old, resolve=True))}
+    flat_new = {**defaults, **flatten(OmegaConf.to_container(new, resolve=True))}
     neutral = NEUTRAL_KEYS
     if flat_old["scheme"] == flat_new["scheme"] == "offline":
         neutral += SCHEME_SECTIONS

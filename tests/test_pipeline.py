@@ -247,3 +247,18 @@ def test_a_loaded_teachers_training_keys_change_nothing():
     assert changed_keys(config(None, 30), config(None, 39)) == ["teacher.train.epochs"]
     assert changed_keys(config("t.safetensors", 30), config("u.safetensors", 39)) == [
         "teacher.checkpoint", "teacher.train.epochs"]
+
+
+def test_a_config_written_before_a_key_existed_is_not_a_change():
+    """Run folders made by an older kdistill lack the keys added since; those take their defaults."""
+    from omegaconf import OmegaConf
+
+    from kdistill.config import load_config
+    from kdistill.pipeline import changed_keys
+
+    new = load_config("recipes/digits_quick.yaml")
+    old = OmegaConf.to_container(new, resolve=True)
+    del old["compress"], old["data"]["labelled_fraction"], old["distill"]["pseudo_labels"]
+    assert changed_keys(OmegaConf.create(old), new) == []
+    old["data"]["labelled_fraction"] = 0.5  # a value that differs from the default still counts
+    assert changed_keys(OmegaConf.create(old), new) == ["data.labelled_fraction"]
