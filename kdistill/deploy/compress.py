@@ -28,6 +28,7 @@ from torch import nn
 
 from kdistill.deploy.bundle import ONNX_FILE, WEIGHTS_FILE, ModelCard, load_bundle, read_card, save_bundle, write_card
 from kdistill.deploy.export import FP32_TOLERANCE, export_onnx, onnx_logits, onnx_session
+from kdistill.deploy.frontier import write_compression_report
 from kdistill.deploy.prune import Pruning, bake_masks, parse_pruning, prune, sparsity
 from kdistill.deploy.quantize import MODES, int8_layers_of, quantize_onnx
 from kdistill.deploy.timing import deployment_latency
@@ -45,7 +46,6 @@ from kdistill.train.loop import STATE_FILE
 FOLDER = "compressed"
 FINETUNE_LOSSES = {"ce": {"weight": 0.1}, "kd": {"weight": 0.9}}
 TEACHERS = ("student", "teacher")
-ACCURACY_KEPT = 0.99  # the headline: the fastest model within 1 % (relative) of the teacher's test accuracy
 
 
 def check_compress(cfg: DictConfig) -> None:
@@ -125,8 +125,6 @@ def compress(pipe, *, resume: bool = False) -> dict:
                                                              calibration)
     metrics = _measure(pipe, made, test_images, test_labels)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    from kdistill.deploy.frontier import write_compression_report
-
     write_compression_report(out, metrics)
     if (pipe.run_dir / "metrics.json").is_file():
         try:

@@ -9,6 +9,7 @@ from typing import NamedTuple
 from kdistill.storage import atomic_write, atomic_write_text
 
 RUNTIMES = ("pytorch", "onnxruntime")
+ACCURACY_KEPT = 0.99  # the headline: the fastest model within 1 % (relative) of the teacher's test accuracy
 
 
 class Point(NamedTuple):
@@ -49,8 +50,6 @@ def frontier(candidates: list[Point], cost) -> list[Point]:
 
 def headline(metrics: dict) -> str | None:
     """The fastest model (batch 1, onnxruntime when exported) within ACCURACY_KEPT of the teacher's accuracy."""
-    from kdistill.deploy.compress import ACCURACY_KEPT
-
     all_points = points(metrics)
     teacher = {p.runtime: p for p in all_points if p.name == "teacher"}
     runtime = "onnxruntime" if "onnxruntime" in teacher else "pytorch"
