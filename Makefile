@@ -135,3 +135,14 @@ schemes: setup data
 	    $(if $(SCHEME_TEACHER),teacher.checkpoint=$(SCHEME_TEACHER))
 	$(PY) benchmarks/labelled_fraction.py runs/schemes_labelled runs/schemes_labelled_long runs/schemes_labelled_all \
 	    --out benchmarks/results/labelled_fraction.png
+
+# The deployment headline (BENCHMARKS.md, "Deployment"): fashion_mnist_resnet's run (trained by this target
+# when DEPLOY_RUN has none), its teacher pruned twice by half of its channels, each fine-tuned with
+# distillation from the teacher; int8 and ONNX of every model; all timed in PyTorch and onnxruntime.
+DEPLOY_RUN ?= runs/fashion_mnist_resnet
+DEPLOY_STEPS ?= --source teacher --teacher teacher --prune channels:0.5 --prune channels:0.5 --quantize int8 \
+    --export onnx compress.finetune.epochs=8 'compress.finetune.augment={crop_padding: 2, hflip: true}'
+.PHONY: deploy
+deploy: setup data
+	test -f $(DEPLOY_RUN)/student/model.safetensors || $(KD) run fashion_mnist_resnet
+	$(KD) compress $(DEPLOY_RUN) $(DEPLOY_STEPS)
