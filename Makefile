@@ -144,5 +144,6 @@ DEPLOY_STEPS ?= --source teacher --teacher teacher --prune channels:0.5 --prune 
     --export onnx compress.finetune.epochs=8 'compress.finetune.augment={crop_padding: 2, hflip: true}'
 .PHONY: deploy
 deploy: setup data
-	test -f $(DEPLOY_RUN)/student/model.safetensors || $(KD) run fashion_mnist_resnet
+	test -f $(DEPLOY_RUN)/student/model.safetensors || $(KD) run fashion_mnist_resnet out_dir=$(dir $(DEPLOY_RUN)) \
+	    name=$(notdir $(DEPLOY_RUN))
 	$(KD) compress $(DEPLOY_RUN) $(DEPLOY_STEPS)
