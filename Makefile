@@ -138,10 +138,10 @@ schemes: setup data
 
 # The deployment headline (BENCHMARKS.md, "Deployment"): fashion_mnist_resnet's run (trained by this target
 # when DEPLOY_RUN has none), its teacher pruned twice by half of its channels, each fine-tuned with
-# distillation from the teacher; int8 and ONNX of every model; all timed in PyTorch and onnxruntime.
+# distillation from the teacher; int8 and ONNX of every model; all timed in PyTorch and onnxruntime on one thread.
 DEPLOY_RUN ?= runs/fashion_mnist_resnet
 DEPLOY_STEPS ?= --source teacher --teacher teacher --prune channels:0.5 --prune channels:0.5 --quantize int8 \
-    --export onnx compress.finetune.epochs=8 'compress.finetune.augment={crop_padding: 2, hflip: true}'
+    --export onnx compress.finetune.epochs=8 'compress.finetune.augment={crop_padding: 2, hflip: true}' threads=1
 .PHONY: deploy
 deploy: setup data
 	test -f $(DEPLOY_RUN)/student/model.safetensors || $(KD) run fashion_mnist_resnet out_dir=$(dir $(DEPLOY_RUN)) \

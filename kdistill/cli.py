@@ -382,10 +382,12 @@ def _compress(args) -> None:
         raise KdistillError(f"{run_dir} is not a kdistill run folder (no {CONFIG_FILE}); give the folder "
                             "`kdistill run` made")
     quantize = sorted({"static" if mode == "int8" else mode for mode in args.quantize})
+    # Step flags say the whole list of steps: they replace the run's recorded ones (its recipe's, or the
+    # last compress's), which run again when no step flag is given.
+    steps = [f"compress.prune=[{','.join(args.prune)}]", f"compress.quantize=[{','.join(quantize)}]",
+             f"compress.export={'true' if args.export else 'false'}"]
     flags = [f"out_dir={run_dir.resolve().parent}", f"name={run_dir.resolve().name}",
-             *([f"compress.prune=[{','.join(args.prune)}]"] if args.prune else []),
-             *([f"compress.quantize=[{','.join(quantize)}]"] if quantize else []),
-             *(["compress.export=true"] if args.export else []),
+             *(steps if args.prune or quantize or args.export else []),
              *([f"compress.teacher={args.teacher}"] if args.teacher else []),
              *([f"compress.source={args.source}"] if args.source else [])]
     cfg = load_config(run_dir / CONFIG_FILE, [*args.overrides, *flags])

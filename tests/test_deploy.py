@@ -194,6 +194,12 @@ def test_compress_again_reuses_every_step(compressed, capsys):
     said = capsys.readouterr()
     assert "[channels50] using" in said.out + said.err and "ONNX opset" not in said.out + said.err
     assert (compressed / "compressed" / "channels50" / "model.safetensors").stat().st_mtime_ns == before
+    # the step flags replaced the recorded steps (no second pruning, no int8) ...
+    rows = set(json.loads((compressed / "compressed" / "metrics.json").read_text())["rows"])
+    assert rows == {"teacher", "baseline", "student", "channels50"}
+    # ... and with no step flag, the recorded ones run again
+    assert main(["compress", str(compressed), "--quiet"]) == 0
+    assert set(json.loads((compressed / "compressed" / "metrics.json").read_text())["rows"]) == rows
 
 
 def test_predict_reads_images_and_arrays_in_both_runtimes(compressed, tmp_path, capsys):

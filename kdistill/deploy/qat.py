@@ -26,8 +26,9 @@ EXAMPLE_BATCH = 8  # the captured graph's batch axis is dynamic; the example onl
 
 @contextlib.contextmanager
 def _quiet_torchao():
-    """torchao reports optional GPU kernels it cannot load on every import; they are not used here."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch._dynamo", "torch.export")]
+    """torchao reports optional GPU kernels it cannot load on every import, and registers an Enum that
+    torch's pytree warns about; neither matters here."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch._dynamo", "torch.export", "torch.utils._pytree")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
